@@ -1,0 +1,153 @@
+"""CIFAR-10 through torchvision, held on the device as uint8, normalised and augmented per batch.
+
+The files are read with ``torchvision.datasets.CIFAR10`` (the standard ``cifar-10-batches-py``
+pickles). Images stay uint8 on the training device (150 MB for the whole training split), and
+each batch is converted, normalised and augmented there: random crop with padding and horizontal
+flip are done on the whole batch at once, never per sample in Python.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from structlearn.data.base import InMemoryDataset
+from structlearn.utils import check
+
+AUGMENTATIONS = ("crop_flip", "flip", "none")
+BASE_FOLDER = "cifar-10-batches-py"
+
+
+def _torchvision_cifar(verify: bool) -> type:
+    """torchvision's CIFAR10 class; with ``verify=False`` files are checked for presence, not MD5.
+
+    torchvision checks the MD5 of every batch file on each load (a second or so), which also
+    rejects the tiny folders the tests write in the same file format.
+    """
+    from torchvision.datasets import CIFAR10
+
+    if verify:
+        return CIFAR10
+
+    class _CIFAR10(CIFAR10):
+        train_list: ClassVar = [[name, None] for name, _ in CIFAR10.train_list]
+        test_list: ClassVar = [[name, None] for name, _ in CIFAR10.test_list]
+        meta: ClassVar = {**CIFAR10.meta, "md5": None}
+
+    return _CIFAR10
+
+
+class CIFAR10(InMemoryDataset):
+    """CIFAR-10 as uint8 tensors with per-batch normalisation and augmentation on the device.
+
+    Args:
+        root: folder that holds (or will hold) ``cifar-10-batches-py``.
+        download: download the archive into ``root`` if the files are absent.
+        grayscale: convert to one luma channel (0.299 R + 0.587 G + 0.114 B), as the URN paper does.
+        resize: side length to resize the images to once at load time (bilinear), or None for 32.
+        augment: ``crop_flip`` (random crop with ``padding`` and horizontal flip), ``flip`` or ``none``.
+        padding: zero padding for the random crop, in pixels.
+        train_size: use only this many training images (a seeded random subset), or None for all.
+        test_size: use only this many test images (the first ones), or None for all.
+        seed: seed of the training subset.
+        verify: check the MD5 sums of the files (slower; off by default).
+    """
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        grayscale: bool = False,
+        resize: int | None = None,
+        augment: str = "crop_flip",
+        padding: int = 4,
+        train_size: int | None = None,
+        test_size: int | None = None,
+        seed: int = 0,
+        verify: bool = False,
+    ) -> None:
+        check(augment in AUGMENTATIONS, "augment", augment, f"must be one of {AUGMENTATIONS}")
+        check(isinstance(padding, int) and padding >= 0, "padding", padding, "must be an integer >= 0")
+        check(
+            resize is None or (isinstance(resize, int) and resize > 0),
+            "resize",
+            resize,
+            "must be null or > 0",
+        )
+        for name, size in (("train_size", train_size), ("test_size", test_size)):
+            check(size is None or (isinstance(size, int) and size > 0), name, size, "must be null or > 0")
+        root_path = Path(root).expanduser()
+        if not download and not (root_path / BASE_FOLDER).is_dir():
+            raise FileNotFoundError(
+                f"CIFAR-10 files not found: expected {root_path.resolve() / BASE_FOLDER}. "
+                f"Set dataset.root to the folder that holds {BASE_FOLDER}, or dataset.download=true to fetch it."
+            )
+        cls = _torchvision_cifar(verify)
+        train = cls(str(root_path), train=True, download=download)
+        test = cls(str(root_path), train=False, download=False)
+        x_train, y_train = self._to_tensors(train.data, train.targets, grayscale, resize)
+        x_test, y_test = self._to_tensors(test.data, test.targets, grayscale, resize)
+        if train_size is not None and train_size < len(x_train):
+            keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:train_size]
+            x_train, y_train = x_train[keep], y_train[keep]
+        if test_size is not None:
+            x_test, y_test = x_test[:test_size], y_test[:test_size]
+        super().__init__("cifar10", x_train, y_train, x_test, y_test, num_classes=10)
+        # Per-channel statistics of the training split, in [0, 1] units.
+        pixels = x_train.float().div_(255).transpose(0, 1).reshape(x_train.shape[1], -1)
+        self.mean = pixels.mean(dim=1).view(1, -1, 1, 1)
+        self.std = pixels.std(dim=1).clamp_min(1e-6).view(1, -1, 1, 1)
+        self.augmentation, self.padding = augment, padding
+
+    @staticmethod
+    def _to_tensors(images, labels, grayscale: bool, resize: int | None) -> tuple[Tensor, Tensor]:
+        x = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+        if grayscale or resize:
+            chunks = []
+            for part in x.split(4096):  # bound the float32 working memory
+                f = part.float()
+                if grayscale:
+                    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                    f = (f * luma).sum(dim=1, keepdim=True)
+                if resize:
+                    f = F.interpolate(
+                        f, size=(resize, resize), mode="bilinear", align_corners=False, antialias=True
+                    )
+                chunks.append(f.round_().clamp_(0, 255).to(torch.uint8))
+            x = torch.cat(chunks)
+        return x, torch.as_tensor(labels, dtype=torch.long)
+
+    def to(self, device: torch.device) -> CIFAR10:
+        super().to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) -> normalised float32."""
+        return (x.float().div_(255) - self.mean) / self.std
+
+    def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Random crop with zero padding and horizontal flip, for the whole batch at once."""
+        if self.augmentation == "none":
+            return x
+        b = x.shape[0]
+        if self.augmentation == "crop_flip" and self.padding > 0:
+            x = random_crop(x, self.padding, generator)
+        flip = (torch.rand(b, generator=generator) < 0.5).to(x.device).view(b, 1, 1, 1)
+        return torch.where(flip, x.flip(3), x)
+
+
+def random_crop(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Crop each image of ``x`` (B, C, H, W) at a random offset of its zero-padded version."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    shifts = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(x.device)
+    rows = shifts[0].view(b, 1) + torch.arange(h, device=x.device)  # (B, H)
+    cols = shifts[1].view(b, 1) + torch.arange(w, device=x.device)  # (B, W)
+    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[batch, rows.view(b, h, 1), cols.view(b, 1, w)]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)

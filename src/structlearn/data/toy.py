@@ -1,0 +1,239 @@
+"""Synthetic and small real datasets that fit in memory: moons, blobs, classification, spheres, digits.
+
+Each constructor draws or loads the data with a seed, makes a seeded stratified train/test split,
+and standardises features with statistics fitted on the training split only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn import datasets as skd
+from sklearn.model_selection import train_test_split
+
+from structlearn.data.base import InMemoryDataset
+from structlearn.utils import check
+
+
+def _check_common(n_samples: int, test_fraction: float) -> None:
+    check(isinstance(n_samples, int) and n_samples >= 10, "n_samples", n_samples, "must be an integer >= 10")
+    check(0.0 < test_fraction < 1.0, "test_fraction", test_fraction, "must be in (0, 1)")
+
+
+def _split(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    test_fraction: float,
+    seed: int,
+    standardize: bool,
+    shape: tuple[int, ...] | None = None,
+) -> InMemoryDataset:
+    """Seeded stratified split, train-only standardisation, float32/int64 tensors."""
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x.astype(np.float64), y, test_size=test_fraction, random_state=seed, stratify=y
+    )
+    if standardize:
+        mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
+        std[std == 0] = 1.0  # constant features (digits' border pixels) stay at 0 instead of NaN
+        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        t = torch.as_tensor(a, dtype=torch.float32)
+        return t.reshape(len(t), *shape) if shape else t
+
+    return InMemoryDataset(
+        name,
+        tensor(x_tr),
+        torch.as_tensor(y_tr),
+        tensor(x_te),
+        torch.as_tensor(y_te),
+        num_classes=int(y.max()) + 1,
+    )
+
+
+def moons(
+    n_samples: int = 1000,
+    noise: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool = True,
+) -> InMemoryDataset:
+    """Two interleaving half circles (``sklearn.datasets.make_moons``), 2 features, 2 classes.
+
+    Args:
+        n_samples: total examples before the split.
+        noise: standard deviation of the Gaussian noise added to the points, >= 0.
+        test_fraction: fraction held out for testing.
+        seed: seed of the sample and of the split.
+        standardize: standardise features with training-split statistics.
+    """
+    _check_common(n_samples, test_fraction)
+    check(noise >= 0, "noise", noise, "must be >= 0")
+    x, y = skd.make_moons(n_samples=n_samples, noise=noise, random_state=seed)
+    return _split("moons", x, y, test_fraction=test_fraction, seed=seed, standardize=standardize)
+
+
+def blobs(
+    n_samples: int = 1000,
+    centers: int = 3,
+    n_features: int = 2,
+    cluster_std: float = 1.0,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool = True,
+) -> InMemoryDataset:
+    """Isotropic Gaussian blobs (``sklearn.datasets.make_blobs``), one class per centre.
+
+    Args:
+        n_samples: total examples before the split.
+        centers: number of blobs (= classes), >= 2.
+        n_features: input dimension, >= 1.
+        cluster_std: standard deviation of each blob, > 0.
+        test_fraction: fraction held out for testing.
+        seed: seed of the sample and of the split.
+        standardize: standardise features with training-split statistics.
+    """
+    _check_common(n_samples, test_fraction)
+    check(isinstance(centers, int) and centers >= 2, "centers", centers, "must be an integer >= 2")
+    check(
+        isinstance(n_features, int) and n_features >= 1, "n_features", n_features, "must be an integer >= 1"
+    )
+    check(cluster_std > 0, "cluster_std", cluster_std, "must be > 0")
+    x, y = skd.make_blobs(
+        n_samples=n_samples,
+        centers=centers,
+        n_features=n_features,
+        cluster_std=cluster_std,
+        random_state=seed,
+    )
+    return _split("blobs", x, y, test_fraction=test_fraction, seed=seed, standardize=standardize)
+
+
+def classification(
+    n_samples: int = 800,
+    n_features: int = 20,
+    n_informative: int = 18,
+    n_redundant: int = 0,
+    n_classes: int = 5,
+    n_clusters_per_class: int = 2,
+    class_sep: float = 1.0,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool = True,
+) -> InMemoryDataset:
+    """``sklearn.datasets.make_classification``; the defaults are MorphoNet's "Blobs-5C".
+
+    The MorphoNet code calls this task "Blobs" although it is not ``make_blobs``: 800 samples,
+    20 features of which 18 informative, 5 classes with 2 Gaussian clusters per class.
+
+    Args:
+        n_samples: total examples before the split.
+        n_features: input dimension.
+        n_informative: informative features (<= n_features - n_redundant).
+        n_redundant: linear combinations of the informative features.
+        n_classes: number of classes, >= 2.
+        n_clusters_per_class: Gaussian clusters per class.
+        class_sep: spread of the cluster centres (larger = easier).
+        test_fraction: fraction held out for testing.
+        seed: seed of the sample and of the split.
+        standardize: standardise features with training-split statistics.
+    """
+    _check_common(n_samples, test_fraction)
+    check(isinstance(n_classes, int) and n_classes >= 2, "n_classes", n_classes, "must be an integer >= 2")
+    check(
+        0 < n_informative <= n_features - n_redundant,
+        "n_informative",
+        n_informative,
+        f"must be in [1, n_features - n_redundant = {n_features - n_redundant}]",
+    )
+    check(
+        n_classes * n_clusters_per_class <= 2**n_informative,
+        "n_clusters_per_class",
+        n_clusters_per_class,
+        "n_classes * n_clusters_per_class must be <= 2**n_informative",
+    )
+    x, y = skd.make_classification(
+        n_samples=n_samples,
+        n_features=n_features,
+        n_informative=n_informative,
+        n_redundant=n_redundant,
+        n_classes=n_classes,
+        n_clusters_per_class=n_clusters_per_class,
+        class_sep=class_sep,
+        random_state=seed,
+    )
+    return _split("classification", x, y, test_fraction=test_fraction, seed=seed, standardize=standardize)
+
+
+def spheres(
+    n_samples: int = 5000,
+    dim: int = 10,
+    inner: tuple[float, float] = (1.0, 1.5),
+    outer: tuple[float, float] = (2.0, 2.5),
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool = False,
+) -> InMemoryDataset:
+    """Two concentric ``dim``-dimensional spherical shells, one class each (the URN paper's task).
+
+    A point's direction is uniform on the unit sphere (a normalised Gaussian) and its radius is
+    uniform in the shell's ``[r_min, r_max]``. Classes are balanced.
+
+    Args:
+        n_samples: total examples before the split (the paper: 4000 training samples).
+        dim: input dimension (the paper: 10).
+        inner: radius range of class 0.
+        outer: radius range of class 1; must not overlap ``inner``.
+        test_fraction: fraction held out for testing.
+        seed: seed of the sample and of the split.
+        standardize: standardise features (off by default: the shells are already centred).
+    """
+    _check_common(n_samples, test_fraction)
+    check(isinstance(dim, int) and dim >= 1, "dim", dim, "must be an integer >= 1")
+    check(0 <= inner[0] <= inner[1], "inner", tuple(inner), "must be (r_min, r_max) with 0 <= r_min <= r_max")
+    check(
+        inner[1] < outer[0] <= outer[1],
+        "outer",
+        tuple(outer),
+        f"must lie beyond the inner shell {tuple(inner)}",
+    )
+    rng = np.random.default_rng(seed)
+    y = np.arange(n_samples) % 2
+    direction = rng.standard_normal((n_samples, dim))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    lo = np.where(y == 0, inner[0], outer[0])
+    hi = np.where(y == 0, inner[1], outer[1])
+    radius = lo + (hi - lo) * rng.random(n_samples)
+    return _split(
+        "spheres",
+        direction * radius[:, None],
+        y,
+        test_fraction=test_fraction,
+        seed=seed,
+        standardize=standardize,
+    )
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0, standardize: bool = True) -> InMemoryDataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), shaped (1, 8, 8).
+
+    A real image dataset that ships with scikit-learn, so it works offline.
+
+    Args:
+        test_fraction: fraction held out for testing.
+        seed: seed of the split.
+        standardize: standardise each pixel with training-split statistics.
+    """
+    check(0.0 < test_fraction < 1.0, "test_fraction", test_fraction, "must be in (0, 1)")
+    bunch = skd.load_digits()
+    return _split(
+        "digits",
+        bunch.data / 16.0,
+        bunch.target,
+        test_fraction=test_fraction,
+        seed=seed,
+        standardize=standardize,
+        shape=(1, 8, 8),
+    )

@@ -1,0 +1,169 @@
+"""Where a run's numbers go: the run record on disk (always) and optional sinks (console, W&B...).
+
+The :class:`RunRecord` writes the files every run directory must hold: ``metrics.csv`` (one row
+per evaluation point), ``events.jsonl`` (one line per structural update a method reports) and
+``summary.json`` (written atomically). Sinks chosen in the ``logger`` config group receive the
+same rows; only the runner calls them, methods return dicts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from structlearn.utils import atomic_write_json
+
+log = logging.getLogger("structlearn")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a sink needs to know about the run it records.
+
+    Attributes:
+        run_dir: the run directory.
+        names: ``{"method": ..., "dataset": ..., "model": ...}`` as chosen in the config.
+        config: the resolved config as plain containers.
+        total_steps: optimiser steps in the run.
+        group: a sweep-level id shared by the jobs of one multirun, or None for a single run.
+        job_name: a name for this job (its overrides), or None.
+    """
+
+    run_dir: Path
+    names: Mapping[str, str]
+    config: Mapping[str, Any] = field(default_factory=dict)
+    total_steps: int = 0
+    group: str | None = None
+    job_name: str | None = None
+
+
+class Sink(Protocol):
+    """A destination for a run's metrics. Every method is called by the runner only."""
+
+    def start(self, info: RunInfo) -> None:
+        """The run begins; open files, bars or remote runs."""
+
+    def progress(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Live training metrics, every few steps (running loss and accuracy)."""
+
+    def log(self, row: Mapping[str, float], step: int) -> None:
+        """One evaluation row (the same as a ``metrics.csv`` row)."""
+
+    def event(self, event: Mapping[str, float], step: int) -> None:
+        """A structural update reported by the method (dropped, grown, pruned...)."""
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """The run ended (completed, diverged or failed); always called, close everything."""
+
+
+class ConsoleSink:
+    """A progress bar with live loss and accuracy, and one line per evaluation.
+
+    Args:
+        bar: show a tqdm progress bar over the steps (on stderr).
+    """
+
+    def __init__(self, bar: bool = True) -> None:
+        self.bar = bar
+        self._tqdm: Any = None
+        self._redirect: Any = None
+
+    def start(self, info: RunInfo) -> None:
+        names = ", ".join(f"{k}={v}" for k, v in info.names.items())
+        log.info("run %s: %s", info.run_dir, names)
+        if self.bar:
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._tqdm = tqdm(
+                total=info.total_steps,
+                desc="train",
+                unit="step",
+                file=sys.stderr,
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=0.2,
+                disable=None,
+            )
+            # Console log lines go through tqdm.write, so they print above the bar, not through it.
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+
+    def progress(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self._tqdm is not None:
+            self._tqdm.update(step - self._tqdm.n)
+            self._tqdm.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+
+    def log(self, row: Mapping[str, float], step: int) -> None:
+        keys = ("train_loss", "train_acc", "test_loss", "test_acc")
+        log.info(f"epoch {int(row['epoch'])}: " + " ".join(f"{k} {row[k]:.4f}" for k in keys if k in row))
+
+    def event(self, event: Mapping[str, float], step: int) -> None:
+        pass
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+        final = summary.get("final") or {}
+        acc = f", test_acc {final['test_acc']:.4f}" if "test_acc" in final else ""
+        log.info("%s after %s epochs%s", summary.get("status"), summary.get("epochs_completed"), acc)
+
+
+class RunRecord:
+    """The run's own files, independent of any sink: metrics.csv, events.jsonl, summary.json.
+
+    Rows are appended and flushed as they come, so a killed run keeps every completed row. The
+    CSV header is the union of the keys seen; a row with a new key rewrites the file once.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.csv"
+        self.events_path = self.run_dir / "events.jsonl"
+        self.summary_path = self.run_dir / "summary.json"
+        self.rows: list[dict[str, float]] = []
+        self._header: list[str] = []
+
+    def add_row(self, row: Mapping[str, float]) -> None:
+        row = dict(row)
+        self.rows.append(row)
+        new = [k for k in row if k not in self._header]
+        if new or not self.metrics_path.exists():
+            self._header += new
+            with self.metrics_path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self._header)
+                writer.writeheader()
+                writer.writerows(self.rows)
+        else:
+            with self.metrics_path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self._header).writerow(row)
+
+    def add_event(self, event: Mapping[str, float], step: int) -> None:
+        with self.events_path.open("a") as f:
+            f.write(json.dumps({"step": step, **event}) + "\n")
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        atomic_write_json(self.summary_path, _finite(summary))
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN or Infinity: replace them by None (and say so in the value's place)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,249 @@
+"""The method protocol: everything a structure-learning method may change about dense training.
+
+The runner (:mod:`structlearn.runner`) calls these hooks in a fixed order and never asks which
+method it has. One training step is::
+
+    for each optimiser slot: set lr = base_lr * slot.lr_schedule(step); zero grads
+    output = model(x)                              # a Tensor of logits, or a dict with "logits"
+    loss = cross_entropy(logits, y) + sum(method.extra_loss(model, output, step).values())
+    loss.backward()
+    method.after_backward(model, step)             # dense gradients visible, nothing stepped yet
+    for each slot: clip its parameters' grad norm (slot.grad_clip); slot.optimizer.step()
+    method.after_step(model, step, optimizers)     # re-mask, rewire, add parameters
+
+and around the steps of each epoch ``on_epoch_start`` and, at evaluation points,
+``structure_metrics``. At the end, ``finalize`` (e.g. a hard prune) and ``write_artifacts``.
+
+Every hook has a no-op default here, so the dense baseline is this class itself and a method
+overrides only what it changes. Randomness a method needs comes from its own ``torch.Generator``
+seeded in :meth:`Method.prepare` from ``plan.seed``, so rewiring is reproducible and independent
+of data order; include that generator's state in :meth:`state_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from structlearn.schedules import TrainSchedule
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The shape of a run, known before the first step; what schedules of the step need.
+
+    Attributes:
+        epochs: number of epochs.
+        steps_per_epoch: optimiser steps in one epoch.
+        seed: the run's seed; methods derive their own generators from it.
+        device: the training device.
+    """
+
+    epochs: int
+    steps_per_epoch: int
+    seed: int
+    device: torch.device
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+@dataclass
+class OptimizerSlot:
+    """One optimiser with its own learning-rate schedule and gradient clipping.
+
+    Attributes:
+        optimizer: the torch optimiser. Each param group's initial ``lr`` is its base lr.
+        lr_schedule: step -> multiplier of the base lr (a pure function of the step).
+        grad_clip: max global grad norm over this optimiser's parameters, or None.
+        name: label used in metric names (``lr/<name>``).
+    """
+
+    optimizer: torch.optim.Optimizer
+    lr_schedule: Callable[[int], float]
+    grad_clip: float | None = None
+    name: str = "main"
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameter counts with the counting rule written down.
+
+    Attributes:
+        total: entries of every counted parameter tensor.
+        effective: entries that take part in the network's function: unmasked and non-zero.
+        rule: the counting rule in words, copied into ``summary.json``.
+    """
+
+    total: int
+    effective: int
+    rule: str
+
+    @property
+    def density(self) -> float:
+        return self.effective / self.total if self.total else 0.0
+
+
+COUNT_RULE = (
+    "weights and biases of every layer (BatchNorm included) count; an entry is effective when it is "
+    "unmasked and non-zero in the network used for evaluation; method-internal parameters "
+    "(mask logits, gates) are not counted"
+)
+
+
+class Method:
+    """Dense training, and the base every method derives from. All hooks default to no-ops."""
+
+    def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
+        """Adapt the model once before training (attach masks, wrap layers, add gates).
+
+        Called after the model is on ``plan.device`` and before optimisers are built, so
+        parameters created here are trained. Seed the method's own generator from ``plan.seed``.
+
+        Returns:
+            The model to train (the same object or a wrapper).
+        """
+        return model
+
+    def configure_optimizers(
+        self, model: nn.Module, schedule: TrainSchedule, plan: Plan
+    ) -> list[OptimizerSlot]:
+        """Build the optimisers, each with its parameter groups, lr schedule and clipping.
+
+        The default is one slot: ``schedule.optimizer`` over every trainable parameter, with
+        ``schedule.lr_schedule`` and ``schedule.grad_clip``. A method with several optimisers
+        (weights and mask logits, say) returns one slot each; every trainable parameter must be in
+        exactly one slot.
+        """
+        return [default_slot(model.parameters(), schedule, plan.total_steps)]
+
+    def on_epoch_start(self, model: nn.Module, epoch: int, step: int) -> None:
+        """Per-epoch updates before the epoch's first step (temperatures, epoch-wise rewiring).
+
+        Values should be computed from ``epoch``/``step`` (pure schedules), not accumulated.
+        """
+
+    def extra_loss(
+        self, model: nn.Module, output: Tensor | Mapping[str, Any], step: int
+    ) -> dict[str, Tensor]:
+        """Loss terms added to the cross-entropy, by name (logged as ``loss/<name>``).
+
+        Args:
+            model: the model being trained.
+            output: what the model's forward returned for this batch: a logits tensor, or a dict
+                with ``"logits"`` and intermediate values (e.g. every iteration's activations).
+            step: the global step.
+
+        Returns:
+            Scalar tensors, summed into the loss before backward. Keep them on the device.
+        """
+        return {}
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        """After ``backward`` and before any optimiser step: dense gradients are in ``.grad``.
+
+        The place to read gradients of masked weights (RigL's growth criterion), or to mask
+        gradients. Do not step optimisers here.
+        """
+
+    def after_step(self, model: nn.Module, step: int, optimizers: list[OptimizerSlot]) -> dict[str, float]:
+        """After every optimiser has stepped (``step`` is the step just taken).
+
+        Re-apply masks, rewire, prune. A method that adds parameters registers them here with
+        ``slot.optimizer.add_param_group``; a method that regrows connections resets their
+        optimiser state here.
+
+        Returns:
+            Metrics about a structural update (dropped, grown, churn), or an empty dict on steps
+            where nothing happened. A non-empty dict is recorded as an event of this step; avoid
+            host synchronisation on steps that return nothing.
+        """
+        return {}
+
+    def structure_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Structure at an evaluation point (density per layer, temperature...), for ``metrics.csv``."""
+        return {}
+
+    def finalize(self, model: nn.Module) -> bool:
+        """End of training, before the final evaluation (MorphoNet's hard prune).
+
+        Returns:
+            True if the network's function changed, so the runner evaluates again and reports the
+            metrics both before and after.
+        """
+        return False
+
+    def count_parameters(self, model: nn.Module) -> ParamCount:
+        """Total and effective parameters of the network used for evaluation (see :data:`COUNT_RULE`)."""
+        return count_parameters(model.named_parameters())
+
+    def write_artifacts(self, model: nn.Module, run_dir: Path) -> list[Path]:
+        """Write what the method knows about the learned structure into ``run_dir`` (files, plots).
+
+        Returns:
+            The paths written.
+        """
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the method needs to continue a run exactly (masks, generator states...)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; called after :meth:`prepare` on a fresh model."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class Dense(Method):
+    """Plain dense training: every hook is the base class's no-op."""
+
+
+def default_slot(
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
+    schedule: TrainSchedule,
+    total_steps: int,
+    name: str = "main",
+) -> OptimizerSlot:
+    """One optimiser slot from the training schedule's optimiser, lr schedule and clipping."""
+    params = [p for p in params if not isinstance(p, nn.Parameter) or p.requires_grad]
+    return OptimizerSlot(
+        optimizer=schedule.optimizer(params),
+        lr_schedule=schedule.lr_schedule(total_steps=total_steps),
+        grad_clip=schedule.grad_clip,
+        name=name,
+    )
+
+
+def count_parameters(
+    named: Iterable[tuple[str, Tensor]],
+    masks: Mapping[str, Tensor] | None = None,
+    skip: Callable[[str], bool] | None = None,
+) -> ParamCount:
+    """Count entries, and effective (unmasked and non-zero) entries, of named parameters.
+
+    Args:
+        named: ``(name, tensor)`` pairs, usually ``model.named_parameters()``.
+        masks: optional ``name -> bool mask``; masked-out entries never count as effective.
+        skip: predicate on names of method-internal parameters to leave out of both counts.
+    """
+    total = effective = 0
+    masks = masks or {}
+    with torch.no_grad():
+        for name, p in named:
+            if skip is not None and skip(name):
+                continue
+            total += p.numel()
+            alive = p != 0
+            if name in masks:
+                alive &= masks[name].to(torch.bool)
+            effective += int(alive.sum())
+    return ParamCount(total=total, effective=effective, rule=COUNT_RULE)

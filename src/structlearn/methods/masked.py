@@ -1,0 +1,216 @@
+"""Masks on dense weights, and the masked baselines: a static random mask and gradual magnitude pruning.
+
+A masked method keeps a bool mask per sparse weight. The weights stay dense in memory; masked
+entries are set to exactly zero at the start and after every optimiser step, so the forward pass
+is an ordinary dense one and ``.grad`` after backward is the dense gradient (what RigL grows by).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, count_parameters
+from structlearn.schedules import cubic_density
+from structlearn.sparse.masks import (
+    DISTRIBUTIONS,
+    allocate_counts,
+    layer_densities,
+    magnitude_mask,
+    prunable_weights,
+    random_mask,
+)
+from structlearn.utils import check
+
+
+class MaskedMethod(Method):
+    """Base of every method that trains dense weights under bool masks (static, GMP, SET, RigL).
+
+    Subclasses choose the initial masks (:meth:`initial_masks`) and change them in
+    :meth:`after_step`; this class applies them, counts parameters through them, reports
+    densities and saves them.
+
+    Args:
+        density: target fraction of active weights over all sparse layers, in (0, 1].
+        distribution: how the density is spread over layers: ``uniform``, ``erdos_renyi`` or ``erk``.
+        dense_layers: ``fnmatch`` patterns of module names that stay dense.
+        first_layer_dense: keep the first Linear/Conv2d layer dense.
+        last_layer_dense: keep the last Linear/Conv2d layer (the output head) dense.
+    """
+
+    def __init__(
+        self,
+        density: float = 0.1,
+        distribution: str = "uniform",
+        dense_layers: Sequence[str] = (),
+        first_layer_dense: bool = False,
+        last_layer_dense: bool = False,
+    ) -> None:
+        check(
+            isinstance(density, int | float) and 0.0 < density <= 1.0, "density", density, "must be in (0, 1]"
+        )
+        check(distribution in DISTRIBUTIONS, "distribution", distribution, f"must be one of {DISTRIBUTIONS}")
+        self.density = float(density)
+        self.distribution = distribution
+        self.dense_layers = list(dense_layers)
+        self.first_layer_dense = first_layer_dense
+        self.last_layer_dense = last_layer_dense
+        self.masks: dict[str, Tensor] = {}
+        self._weights: dict[str, nn.Parameter] = {}
+        self._generator = torch.Generator()
+
+    # -- protocol ---------------------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
+        self._generator.manual_seed(plan.seed + 7919)  # offset: independent of the model-init stream
+        self._weights = prunable_weights(
+            model, self.dense_layers, self.first_layer_dense, self.last_layer_dense
+        )
+        if not self._weights:
+            raise ValueError(f"{type(self).__name__}: the model has no Linear or Conv2d weight left to mask")
+        self.masks = self.initial_masks(self._weights)
+        self.apply_masks()
+        return model
+
+    def after_step(self, model: nn.Module, step: int, optimizers: list[OptimizerSlot]) -> dict[str, float]:
+        self.apply_masks()
+        return {}
+
+    def structure_metrics(self, model: nn.Module) -> dict[str, float]:
+        active = {name: int(m.sum()) for name, m in self.masks.items()}
+        total = sum(m.numel() for m in self.masks.values())
+        metrics = {"density/sparse_layers": sum(active.values()) / total}
+        metrics.update({f"density/{name}": active[name] / self.masks[name].numel() for name in self.masks})
+        return metrics
+
+    def count_parameters(self, model: nn.Module) -> ParamCount:
+        return count_parameters(model.named_parameters(), masks=self.masks)
+
+    def write_artifacts(self, model: nn.Module, run_dir: Path) -> list[Path]:
+        path = run_dir / "masks.pt"
+        torch.save({name: m.cpu() for name, m in self.masks.items()}, path)
+        return [path]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {n: m.clone() for n, m in self.masks.items()},
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.masks = {n: m.to(self._weights[n].device) for n, m in state["masks"].items()}
+        self._generator.set_state(state["generator"])
+        self.apply_masks()
+
+    # -- shared machinery -------------------------------------------------------------------------
+
+    def initial_masks(self, weights: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+        """Random masks with exactly the allocated number of active weights per layer."""
+        counts = self.target_counts(self.density)
+        return {
+            name: random_mask(w.shape, counts[name], self._generator, device=w.device)
+            for name, w in weights.items()
+        }
+
+    def target_counts(self, density: float) -> dict[str, int]:
+        """Active weights per sparse layer at a global ``density``, spread by the distribution."""
+        shapes = {name: tuple(w.shape) for name, w in self._weights.items()}
+        densities = layer_densities(shapes, density, self.distribution)
+        return allocate_counts({name: w.numel() for name, w in self._weights.items()}, densities)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Set every masked weight to exactly zero (one fused multiply over all layers)."""
+        names = list(self.masks)
+        torch._foreach_mul_([self._weights[n] for n in names], [self.masks[n] for n in names])
+
+
+class Static(MaskedMethod):
+    """A fixed random mask (``uniform`` or ``erk`` layer densities); masked weights stay exactly zero."""
+
+
+class GMP(MaskedMethod):
+    """Gradual magnitude pruning (Zhu & Gupta 2017): dense to ``density`` on a cubic schedule.
+
+    Every ``update_every`` steps between ``begin`` and ``end`` (fractions of training), each sparse
+    layer keeps its largest-magnitude active weights so that the global density follows
+    d(t) = density + (1 - density)(1 - (t - t_begin) / (t_end - t_begin))^3. Pruned weights never
+    return. After ``end`` the masks are fixed at ``density`` and training fine-tunes.
+
+    Args:
+        density: final density over the sparse layers, in (0, 1].
+        begin: fraction of training at which pruning starts, in [0, 1).
+        end: fraction of training by which the final density is reached, in (begin, 1].
+        update_every: steps between pruning updates, >= 1.
+        distribution, dense_layers, first_layer_dense, last_layer_dense: see :class:`MaskedMethod`.
+    """
+
+    def __init__(
+        self,
+        density: float = 0.1,
+        begin: float = 0.0,
+        end: float = 0.75,
+        update_every: int = 10,
+        distribution: str = "uniform",
+        dense_layers: Sequence[str] = (),
+        first_layer_dense: bool = False,
+        last_layer_dense: bool = False,
+    ) -> None:
+        super().__init__(density, distribution, dense_layers, first_layer_dense, last_layer_dense)
+        check(0.0 <= begin < 1.0, "begin", begin, "must be in [0, 1)")
+        check(begin < end <= 1.0, "end", end, f"must be in (begin={begin}, 1]")
+        check(
+            isinstance(update_every, int) and update_every >= 1,
+            "update_every",
+            update_every,
+            "must be an integer >= 1",
+        )
+        self.begin, self.end, self.update_every = begin, end, update_every
+        self._begin_step = self._end_step = 0
+        self._counts: dict[str, int] = {}
+
+    def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
+        self._begin_step = round(self.begin * plan.total_steps)
+        self._end_step = max(self._begin_step + 1, round(self.end * plan.total_steps))
+        return super().prepare(model, plan)
+
+    def initial_masks(self, weights: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+        self._counts = {name: w.numel() for name, w in weights.items()}
+        return {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+
+    def density_at(self, completed_steps: int) -> float:
+        """Global target density after ``completed_steps`` optimiser steps (a pure function)."""
+        return cubic_density(completed_steps, final=self.density, begin=self._begin_step, end=self._end_step)
+
+    def after_step(self, model: nn.Module, step: int, optimizers: list[OptimizerSlot]) -> dict[str, float]:
+        t = step + 1  # steps completed
+        due = t > self._begin_step and (
+            (t - self._begin_step) % self.update_every == 0 or t == self._end_step
+        )
+        if not due:
+            self.apply_masks()
+            return {}
+        counts = self.target_counts(self.density_at(t))
+        counts = {n: min(c, self._counts[n]) for n, c in counts.items()}  # pruned weights never return
+        if counts == self._counts:
+            self.apply_masks()
+            return {}
+        pruned = sum(self._counts.values()) - sum(counts.values())
+        for name, w in self._weights.items():
+            if counts[name] != self._counts[name]:
+                self.masks[name] = magnitude_mask(w, self.masks[name], counts[name])
+        self._counts = counts
+        self.apply_masks()
+        total = sum(m.numel() for m in self.masks.values())
+        return {"gmp/density": sum(counts.values()) / total, "gmp/pruned": float(pruned)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "counts": dict(self._counts)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._counts = dict(state["counts"])

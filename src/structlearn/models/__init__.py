@@ -1,0 +1,6 @@
+"""Models. Each takes ``input_shape`` and ``num_classes`` at run time from the dataset."""
+
+from structlearn.models.mlp import MLP
+from structlearn.models.resnet import ResNet
+
+__all__ = ["MLP", "ResNet"]

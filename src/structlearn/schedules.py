@@ -1,0 +1,139 @@
+"""Schedules: pure functions of the global step, and the training schedule that holds them.
+
+Nothing here keeps a counter. Every time-dependent quantity (learning rate, density, drop
+fraction, temperature) is ``f(step)``, so resuming a run is calling the same function with the
+restored step, and testing one is calling it with a few numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from structlearn.utils import check
+
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning-rate multiplier: linear warm-up from 0, then ``decay`` from 1 to ``final_factor``.
+
+    A frozen value object whose call depends on nothing but ``step``.
+
+    Args:
+        total_steps: optimiser steps in the run (supplied by the runner).
+        decay: ``cosine`` (half-cosine), ``linear`` or ``constant`` (stays at 1) after warm-up.
+        warmup_fraction: fraction of ``total_steps`` spent warming up linearly, in [0, 1).
+        final_factor: multiplier at the last step for ``cosine`` and ``linear``, in [0, 1].
+    """
+
+    total_steps: int
+    decay: str = "cosine"
+    warmup_fraction: float = 0.0
+    final_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(
+            isinstance(self.total_steps, int) and self.total_steps > 0,
+            "total_steps",
+            self.total_steps,
+            "must be an integer > 0",
+        )
+        check(self.decay in DECAYS, "decay", self.decay, f"must be one of {DECAYS}")
+        check(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", self.warmup_fraction, "must be in [0, 1)")
+        check(0.0 <= self.final_factor <= 1.0, "final_factor", self.final_factor, "must be in [0, 1]")
+
+    def __call__(self, step: int) -> float:
+        n_warm = round(self.warmup_fraction * self.total_steps)
+        if step < n_warm:
+            return warmup(step, n_warm)
+        if self.decay == "constant":
+            return 1.0
+        span = self.total_steps - n_warm
+        if self.decay == "linear":
+            t = min(step - n_warm, span) / max(span, 1)
+            return 1.0 + (self.final_factor - 1.0) * t
+        return cosine(step - n_warm, span, start=1.0, end=self.final_factor)
+
+
+def warmup(step: int, warmup_steps: int) -> float:
+    """Linear ramp (step + 1) / warmup_steps, then 1."""
+    if step >= warmup_steps:
+        return 1.0
+    return (step + 1) / warmup_steps
+
+
+def cosine(step: int, total_steps: int, *, start: float, end: float) -> float:
+    """Half-cosine from ``start`` at step 0 to ``end`` at ``total_steps``, constant afterwards."""
+    t = min(max(step, 0), total_steps) / max(total_steps, 1)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def cubic_density(step: int, *, final: float, begin: int, end: int, initial: float = 1.0) -> float:
+    """Zhu & Gupta (2017) gradual-pruning density: ``initial`` before ``begin``, ``final`` after ``end``.
+
+    In between, d(t) = final + (initial - final) * (1 - (t - begin) / (end - begin))^3, which prunes
+    fast while there are many redundant weights and slowly near the end.
+    """
+    if step <= begin:
+        return initial
+    if step >= end:
+        return final
+    progress = (step - begin) / (end - begin)
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+@dataclass(frozen=True)
+class TrainSchedule:
+    """How long and how fast to train: epochs, batch size, optimiser and learning-rate schedule.
+
+    Args:
+        epochs: passes over the training split, > 0.
+        batch_size: examples per step, > 0.
+        optimizer: a partial optimiser constructor (``torch.optim.AdamW`` with lr, weight decay...),
+            called by the method with the parameters it trains.
+        lr_schedule: a partial :class:`LRSchedule` (or any callable taking ``total_steps`` and
+            returning a function of the step); the runner supplies ``total_steps``.
+        grad_clip: global gradient-norm clip for the default optimiser, or None for no clipping.
+        eval_every: evaluate (and write a ``metrics.csv`` row) every this many epochs; the last
+            epoch is always evaluated.
+    """
+
+    epochs: int
+    batch_size: int
+    optimizer: Callable[..., Any]
+    lr_schedule: Callable[..., Callable[[int], float]]
+    grad_clip: float | None = None
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        check(
+            isinstance(self.epochs, int) and self.epochs > 0, "epochs", self.epochs, "must be an integer > 0"
+        )
+        check(
+            isinstance(self.batch_size, int) and self.batch_size > 0,
+            "batch_size",
+            self.batch_size,
+            "must be an integer > 0",
+        )
+        check(
+            isinstance(self.eval_every, int) and self.eval_every > 0,
+            "eval_every",
+            self.eval_every,
+            "must be an integer > 0",
+        )
+        check(
+            self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0 or null"
+        )
+        keywords = getattr(self.optimizer, "keywords", {})
+        for name in ("lr", "weight_decay"):
+            value = keywords.get(name, 0.0)
+            check(
+                isinstance(value, int | float) and value >= 0 and math.isfinite(value),
+                f"optimizer.{name}",
+                value,
+                "must be a finite number >= 0",
+            )

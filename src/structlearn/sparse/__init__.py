@@ -1,0 +1,1 @@
+"""Pure sparse kernels: layer selection, density allocation, masks with exact counts."""

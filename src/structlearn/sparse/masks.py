@@ -1,0 +1,121 @@
+"""Pure mask kernels: which layers are sparse, how dense each one is, and masks with exact counts.
+
+No module state lives here; every function takes tensors or shapes and returns new ones, so each
+is unit-tested on its own and shared by every masked method (static, GMP, SET, RigL).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatch
+
+import torch
+from torch import Tensor, nn
+
+from structlearn.utils import check
+
+DISTRIBUTIONS = ("uniform", "erdos_renyi", "erk")
+
+
+def prunable_weights(
+    model: nn.Module,
+    dense_layers: Sequence[str] = (),
+    first_layer_dense: bool = False,
+    last_layer_dense: bool = False,
+) -> dict[str, nn.Parameter]:
+    """The weights of Linear and Conv2d layers that a masked method makes sparse, by parameter name.
+
+    Args:
+        model: the network.
+        dense_layers: ``fnmatch`` patterns of module names to keep dense (``["net.0", "head*"]``).
+        first_layer_dense: keep the first Linear/Conv2d layer (in registration order) dense.
+        last_layer_dense: keep the last one (usually the output head) dense.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    keep = {name for name, _ in layers if any(fnmatch(name, pattern) for pattern in dense_layers)}
+    if layers and first_layer_dense:
+        keep.add(layers[0][0])
+    if layers and last_layer_dense:
+        keep.add(layers[-1][0])
+    return {f"{name}.weight" if name else "weight": m.weight for name, m in layers if name not in keep}
+
+
+def _raw_score(shape: Sequence[int], distribution: str) -> float:
+    """Relative density of a layer before scaling: ER uses fan-in + fan-out, ERK adds kernel dims."""
+    if distribution == "uniform":
+        return 1.0
+    n_out, n_in = shape[:2]
+    if distribution == "erdos_renyi":
+        return (n_in + n_out) / (n_in * n_out)
+    return sum(shape) / math.prod(shape)
+
+
+def layer_densities(
+    shapes: Mapping[str, Sequence[int]], density: float, distribution: str
+) -> dict[str, float]:
+    """Per-layer densities whose parameter-weighted mean is ``density`` and none above 1.
+
+    ``uniform`` gives every layer ``density``. ``erdos_renyi`` (SET, Mocanu et al. 2018) scales
+    each layer by (n_in + n_out) / (n_in * n_out); ``erk`` (RigL, Evci et al. 2020) by
+    sum(shape) / prod(shape), which also accounts for conv kernels. Layers whose scaled density
+    would exceed 1 are made dense and the rest re-scaled until none does.
+    """
+    check(0.0 < density <= 1.0, "density", density, "must be in (0, 1]")
+    check(distribution in DISTRIBUTIONS, "distribution", distribution, f"must be one of {DISTRIBUTIONS}")
+    numel = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: _raw_score(shape, distribution) for name, shape in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        budget = density * sum(numel.values()) - sum(numel[n] for n in dense)
+        rest = sum(raw[n] * numel[n] for n in shapes if n not in dense)
+        eps = budget / rest if rest > 0 else 0.0
+        over = {n for n in shapes if n not in dense and eps * raw[n] > 1.0}
+        if not over:
+            return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+        dense |= over
+
+
+def allocate_counts(numels: Mapping[str, int], densities: Mapping[str, float]) -> dict[str, int]:
+    """Active weights per layer: rounded so the total is exactly round(sum(density * numel)).
+
+    Largest-remainder rounding: floor every layer, then give the leftover units to the layers with
+    the largest fractional parts. Every layer keeps at least one weight and at most all of them.
+    """
+    exact = {n: densities[n] * numels[n] for n in numels}
+    counts = {n: min(numels[n], max(1, math.floor(exact[n]))) for n in numels}
+    leftover = round(sum(exact.values())) - sum(counts.values())
+    by_remainder = sorted(numels, key=lambda n: exact[n] - math.floor(exact[n]), reverse=True)
+    for n in by_remainder:
+        if leftover <= 0:
+            break
+        if counts[n] < numels[n]:
+            counts[n] += 1
+            leftover -= 1
+    return counts
+
+
+def random_mask(
+    shape: Sequence[int], k: int, generator: torch.Generator, device: torch.device | None = None
+) -> Tensor:
+    """A bool mask of ``shape`` with exactly ``k`` True entries, uniformly at random."""
+    n = math.prod(shape)
+    check(0 <= k <= n, "k", k, f"must be in [0, {n}]")
+    flat = torch.zeros(n, dtype=torch.bool)
+    flat[torch.randperm(n, generator=generator)[:k]] = True
+    return flat.view(*shape).to(device)
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """A bool mask with True at the ``k`` largest ``scores`` (exactly ``k``; ties broken by index)."""
+    n = scores.numel()
+    check(0 <= k <= n, "k", k, f"must be in [0, {n}]")
+    flat = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    flat[torch.topk(scores.flatten(), k, sorted=False).indices] = True
+    return flat.view_as(scores)
+
+
+def magnitude_mask(weight: Tensor, mask: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest-magnitude weights among those active in ``mask`` (k <= active count)."""
+    scores = torch.where(mask, weight.detach().abs(), torch.full_like(weight, -1.0))
+    return topk_mask(scores, k)

@@ -1,0 +1,179 @@
+"""Small shared helpers: config building, validation, seeding, devices, atomic files, provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key, the value and what is allowed."""
+
+
+def check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise ``ValueError("name=value is invalid: allowed")`` unless ``ok``.
+
+    Constructors use this so every message has the same shape; :func:`build` prefixes the config
+    path, so the user reads e.g. ``method.density=1.5 is invalid: must be in (0, 1]``.
+    """
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+_FULL_KEY = re.compile(r"full_key: (\S+)")
+_INVALID = re.compile(r"^\S+=.* is invalid: ")
+
+
+def build(node: DictConfig | Mapping[str, Any], key: str, **runtime: Any) -> Any:
+    """Instantiate a config node (``_target_``) with runtime keyword arguments, in one place.
+
+    Every object of a run is built through here, so config errors read the same everywhere: a
+    ``ValueError`` raised by a constructor becomes a :class:`ConfigError` whose message starts
+    with the dotted config path of the bad value.
+
+    Args:
+        node: the config node with a ``_target_``.
+        key: its dotted path in the root config (``"method"``, ``"schedule"``), used in messages.
+        **runtime: arguments only known at run time (``input_shape``, ``num_classes``...).
+    """
+    try:
+        return instantiate(node, _convert_="all", **runtime)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        where = _FULL_KEY.search(str(exc))
+        path = where.group(1) if where else key
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            message = str(cause)
+            if _INVALID.match(message):  # "name=value is invalid: ..." -> "path.name=value ..."
+                raise ConfigError(f"{path}.{message}") from cause
+            raise ConfigError(f"{path}: {message}") from cause
+        raise
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+DEVICE_CHOICES = "'auto', 'cpu', 'cuda', 'cuda:N', or 'mps'"
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Turn the ``device`` setting into a ``torch.device``; never fall back silently.
+
+    ``auto`` picks CUDA, then MPS, then the CPU. Asking for a device that is not there is an
+    error, because a run that silently trains on the CPU wastes hours and reports wrong timings.
+    """
+    spec = str(spec).strip().lower()
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if has_mps else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        if not has_mps:
+            raise ConfigError(
+                "device='mps' is invalid: MPS is not available on this machine (use device=auto or cpu)"
+            )
+        return torch.device("mps")
+    match = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if match is None:
+        raise ConfigError(f"device={spec!r} is invalid: must be one of {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={spec!r} is invalid: CUDA is not available here "
+            "(torch.cuda.is_available() is False); use device=auto or device=cpu"
+        )
+    index = int(match.group(1) or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(
+            f"device={spec!r} is invalid: this machine has {count} CUDA device(s), 0..{count - 1}"
+        )
+    return torch.device("cuda", index)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def git_sha(cwd: str | Path | None = None) -> str | None:
+    """The commit of the source tree, with ``-dirty`` when it has uncommitted changes; None outside git."""
+    root = Path(cwd) if cwd else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour changes results."""
+    import platform
+
+    import hydra
+    import omegaconf
+
+    import structlearn
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "hydra": hydra.__version__,
+        "omegaconf": omegaconf.__version__,
+        "numpy": np.__version__,
+        "structlearn": structlearn.__version__,
+    }
+    try:
+        import torchvision
+
+        versions["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover - torchvision is a dependency, but only CIFAR needs it
+        pass
+    return versions
