@@ -85,6 +85,15 @@ def evaluate(
     return {"loss": loss.item() / seen, "acc": correct.item() / seen}
 
 
+def _check_finite(metrics: dict[str, float], where: str) -> dict[str, float]:
+    """Raise :class:`Diverged` if the loss or any extra loss term is NaN or infinite."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise Diverged(f"non-finite training loss at {where}: {terms}")
+    return metrics
+
+
 def _check_slots(model: nn.Module, slots: Sequence[OptimizerSlot]) -> None:
     """Every trainable parameter is optimised by exactly one slot."""
     owner: dict[int, int] = {}
@@ -222,17 +231,10 @@ def train(
                     for sink in sinks:
                         sink.event(event, step)
                 if step % refresh == 0:
-                    live = {
-                        "loss": running.loss.item() / running.seen,
-                        "acc": running.correct.item() / running.seen,
-                    }
-                    if not math.isfinite(live["loss"]):
-                        raise Diverged(f"training loss is {live['loss']} at step {step} (epoch {epoch + 1})")
+                    live = _check_finite(running.means(), f"step {step} (epoch {epoch + 1})")
                     for sink in sinks:
-                        sink.progress(step, live)
-            train_metrics = running.means()
-            if not all(math.isfinite(v) for v in train_metrics.values()):
-                raise Diverged(f"training loss is {train_metrics['train_loss']} in epoch {epoch + 1}")
+                        sink.progress(step, {"loss": live["train_loss"], "acc": live["train_acc"]})
+            train_metrics = _check_finite(running.means(), f"epoch {epoch + 1}")
             summary["epochs_completed"] = epoch + 1
             last = epoch + 1 == schedule.epochs
             if (epoch + 1) % schedule.eval_every == 0 or last:

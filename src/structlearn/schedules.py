@@ -128,6 +128,10 @@ class TrainSchedule:
         check(
             self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0 or null"
         )
+        try:  # build the lr schedule once now, so a bad value stops the run before training
+            self.lr_schedule(total_steps=1)
+        except ValueError as exc:
+            raise ValueError(f"lr_schedule.{exc}") from exc
         keywords = getattr(self.optimizer, "keywords", {})
         for name in ("lr", "weight_decay"):
             value = keywords.get(name, 0.0)

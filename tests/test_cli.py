@@ -1,0 +1,132 @@
+"""The command line through real subprocesses: single runs, the console script, multirun, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import PYTHON, REPO
+
+FAST = ["schedule.epochs=2", "dataset.n_samples=200", "device=cpu"]
+
+
+def cli(*args: str, cwd: Path, exe: tuple[str, ...] = (PYTHON, "-m", "structlearn"), timeout: int = 180):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([*exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_python_m_structlearn_runs_and_says_where_outputs_are(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = cli(*FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"outputs: {run_dir}" in proc.stdout + proc.stderr
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "metrics.csv").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["method"] == "dense" and summary["dataset"] == "moons"
+
+
+def test_console_script_and_default_run_directories_never_collide(tmp_path):
+    exe = shutil.which("structlearn", path=str(Path(PYTHON).parent))
+    assert exe, "the console script `structlearn` is not installed next to the interpreter"
+    # Two runs started at the same moment, with the default run directory pattern.
+    procs = [
+        subprocess.Popen(
+            [exe, *FAST, "method=static", "logger=none"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        _out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    summaries = sorted((tmp_path / "outputs" / "runs").glob("*/*/summary.json"))
+    assert len(summaries) == 2
+    assert summaries[0].parent != summaries[1].parent
+    assert all(json.loads(s.read_text())["status"] == "completed" for s in summaries)
+
+
+def test_multirun_gives_one_directory_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m",
+        "seed=0,1",
+        "method=dense,static",
+        *FAST,
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summaries = {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    assert sorted(summaries) == [0, 1, 2, 3]
+    combos = {(s["seed"], s["method"]) for s in summaries.values()}
+    assert combos == {(0, "dense"), (0, "static"), (1, "dense"), (1, "static")}
+    assert all(s["status"] == "completed" for s in summaries.values())
+    assert (sweep / "multirun.yaml").exists()
+
+
+def test_invalid_value_stops_with_one_line_and_nonzero_exit(tmp_path):
+    proc = cli(
+        "method=static", "method.density=1.5", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1] == "structlearn: error: method.density=1.5 is invalid: must be in (0, 1]"
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_unknown_device_and_unknown_group_option(tmp_path):
+    proc = cli(*FAST, "device=tpu", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "structlearn: error: device='tpu' is invalid: must be one of 'auto', 'cpu'" in proc.stderr
+    proc = cli("method=nonexistent", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'method/nonexistent'" in proc.stderr  # Hydra's own message, with the options
+
+
+def test_a_failed_job_does_not_take_its_sweep_down(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m",
+        "method=static",
+        "method.density=1.5,0.5",
+        *FAST,
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0  # the sweep reports that a job failed...
+    first = json.loads((sweep / "0" / "summary.json").read_text())
+    second = json.loads((sweep / "1" / "summary.json").read_text())
+    assert first["status"] == "failed" and "method.density=1.5 is invalid" in first["error"]
+    assert second["status"] == "completed"  # ...after running the others
+
+
+@pytest.mark.slow
+def test_experiment_grid_runs_from_its_file(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m",
+        "experiment=baselines",
+        *FAST,
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    assert len(summaries) == 9
+    assert {s["method"] for s in summaries} == {"dense", "static", "gmp"}
+
+
+def test_repo_root_is_where_the_conf_lives():
+    assert (REPO / "conf" / "config.yaml").exists()

@@ -1,0 +1,190 @@
+"""Invariants of the masked baselines: exact zeros, exact counts, GMP's end density, state round trips."""
+
+import functools
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from structlearn.data import moons
+from structlearn.methods import GMP, Dense, Static
+from structlearn.models import MLP
+from structlearn.runner import train
+from structlearn.schedules import LRSchedule, TrainSchedule
+from structlearn.sparse.masks import allocate_counts, layer_densities
+
+
+def schedule(epochs=3, batch_size=32, weight_decay=0.1):
+    # Weight decay and momentum would move masked weights if masks were not re-applied.
+    return TrainSchedule(
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=weight_decay),
+        lr_schedule=functools.partial(LRSchedule),
+    )
+
+
+def run(method, tmp_path: Path, seed=0, epochs=3, hidden=(32, 32)):
+    torch.manual_seed(seed)
+    data = moons(n_samples=256, seed=seed)
+    model = MLP(input_shape=data.input_shape, num_classes=2, hidden=list(hidden))
+    summary = train(
+        data=data,
+        model=model,
+        method=method,
+        schedule=schedule(epochs),
+        run_dir=tmp_path,
+        seed=seed,
+        device=torch.device("cpu"),
+    )
+    return summary, model
+
+
+class CheckedStatic(Static):
+    """Static, asserting after every optimiser step that masked weights are exactly zero."""
+
+    checked = 0
+
+    def after_step(self, model, step, optimizers):
+        out = super().after_step(model, step, optimizers)
+        for name, mask in self.masks.items():
+            assert torch.all(self._weights[name][~mask] == 0), f"step {step}: masked weights of {name} moved"
+        self.checked += 1
+        return out
+
+
+def expected_counts(method, model):
+    shapes = {n: tuple(w.shape) for n, w in method._weights.items()}
+    dens = layer_densities(shapes, method.density, method.distribution)
+    return allocate_counts({n: w.numel() for n, w in method._weights.items()}, dens)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_static_masked_weights_stay_exactly_zero_and_counts_exact(tmp_path, distribution):
+    method = CheckedStatic(density=0.2, distribution=distribution)
+    summary, model = run(method, tmp_path)
+    assert summary["status"] == "completed"
+    assert method.checked == 3 * 7  # every step of 3 epochs x ceil(204 / 32)
+    counts = expected_counts(method, model)
+    for name, mask in method.masks.items():
+        assert int(mask.sum()) == counts[name]
+    total = sum(m.numel() for m in method.masks.values())
+    assert sum(counts.values()) == round(0.2 * total)
+
+
+def test_static_mask_never_changes(tmp_path):
+    method = Static(density=0.3)
+    run(method, tmp_path / "a", epochs=1)
+    before = {n: m.clone() for n, m in method.masks.items()}
+    method2 = Static(density=0.3)
+    run(method2, tmp_path / "b", epochs=4)
+    assert all(torch.equal(before[n], method2.masks[n]) for n in before)  # same seed, same mask, no drift
+
+
+def test_static_erk_differs_from_uniform_per_layer(tmp_path):
+    uni, erk = Static(density=0.2, distribution="uniform"), Static(density=0.2, distribution="erk")
+    run(uni, tmp_path / "u", epochs=1)
+    run(erk, tmp_path / "e", epochs=1)
+    first = "net.1.weight"  # 2 -> 32: ERK keeps it far denser than 32 -> 32
+    assert erk.masks[first].float().mean() > uni.masks[first].float().mean()
+
+
+def test_effective_parameters_count_only_unmasked_nonzero_weights(tmp_path):
+    method = Static(density=0.25)
+    summary, model = run(method, tmp_path, epochs=1)
+    params = summary["params"]
+    total = sum(p.numel() for p in model.parameters())
+    masked_out = sum(int((~m).sum()) for m in method.masks.values())
+    assert params["total"] == total
+    # Biases and unmasked weights are non-zero after training; masked weights are not counted.
+    assert params["effective"] == total - masked_out
+    assert params["density"] == pytest.approx(params["effective"] / total)
+    dense_summary, _ = run(Dense(), tmp_path / "dense", epochs=1)
+    assert dense_summary["params"]["effective"] == dense_summary["params"]["total"] == total
+
+
+def test_gmp_reaches_its_end_density_exactly_and_never_regrows(tmp_path):
+    method = GMP(density=0.1, begin=0.0, end=0.6, update_every=3)
+    masks_seen = []
+    original = method.after_step
+
+    def spy(model, step, optimizers):
+        out = original(model, step, optimizers)
+        masks_seen.append({n: m.clone() for n, m in method.masks.items()})
+        return out
+
+    method.after_step = spy
+    summary, model = run(method, tmp_path, epochs=5)
+    assert summary["status"] == "completed"
+    counts = expected_counts(method, model)
+    for name, mask in method.masks.items():
+        assert int(mask.sum()) == counts[name]
+        assert torch.all(method._weights[name][~mask] == 0)
+    for before, after in itertools.pairwise(masks_seen):
+        for name in before:
+            assert not torch.any(after[name] & ~before[name]), "a pruned weight came back"
+    # The density followed the cubic schedule: events recorded at pruning steps, reaching 0.1.
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert len(events) >= 5
+    densities = [e["gmp/density"] for e in events]
+    assert densities == sorted(densities, reverse=True)
+    total = sum(m.numel() for m in method.masks.values())
+    assert densities[-1] == round(0.1 * total) / total
+    assert events[-1]["step"] == round(0.6 * 5 * 7)  # the final density is reached at `end`
+
+
+def test_gmp_stays_dense_until_begin(tmp_path):
+    method = GMP(density=0.1, begin=0.5, end=0.9, update_every=1)
+    dense_until = []
+    original = method.after_step
+
+    def spy(model, step, optimizers):
+        out = original(model, step, optimizers)
+        dense_until.append(all(bool(m.all()) for m in method.masks.values()))
+        return out
+
+    method.after_step = spy
+    run(method, tmp_path, epochs=2)  # 14 steps: dense for the first 7, then pruned
+    assert dense_until == [True] * 7 + [False] * 7
+
+
+def test_masked_state_dict_round_trip(tmp_path):
+    method = GMP(density=0.2, end=0.5, update_every=2)
+    run(method, tmp_path, epochs=2)
+    state = method.state_dict()
+    fresh = GMP(density=0.2, end=0.5, update_every=2)
+    torch.manual_seed(0)
+    model = MLP(input_shape=(2,), num_classes=2, hidden=[32, 32])
+    from structlearn.methods.base import Plan
+
+    fresh.prepare(model, Plan(epochs=2, steps_per_epoch=7, seed=0, device=torch.device("cpu")))
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.masks[n], method.masks[n]) for n in method.masks)
+    assert fresh._counts == method._counts
+    assert torch.equal(fresh._generator.get_state(), method._generator.get_state())
+    for name, mask in fresh.masks.items():
+        assert torch.all(fresh._weights[name][~mask] == 0)
+
+
+@pytest.mark.parametrize(
+    ("make", "pattern"),
+    [
+        (lambda: Static(density=0.0), r"^density=0.0 is invalid: must be in \(0, 1\]"),
+        (lambda: Static(density=1.5), r"^density=1.5 is invalid"),
+        (lambda: Static(distribution="random"), r"^distribution='random' is invalid"),
+        (lambda: GMP(begin=0.8, end=0.5), r"^end=0.5 is invalid"),
+        (lambda: GMP(update_every=0), r"^update_every=0 is invalid"),
+    ],
+)
+def test_masked_methods_reject_bad_values(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
+def test_masks_are_saved_as_an_artifact(tmp_path):
+    summary, _ = run(Static(density=0.5), tmp_path, epochs=1)
+    saved = torch.load(tmp_path / "masks.pt", weights_only=True)
+    assert set(saved) == {"net.1.weight", "net.3.weight", "net.5.weight"}
+    assert str(tmp_path / "masks.pt") in summary["artifacts"]
