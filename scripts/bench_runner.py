@@ -60,7 +60,7 @@ from structlearn.methods.base import Dense
 from structlearn.models.mlp import MLP
 from structlearn.runner import train
 from structlearn.schedules import LRSchedule, TrainSchedule, cosine
-from structlearn.utils import seed_everything
+from structlearn.utils import git_sha, seed_everything
 
 DEVICE = torch.device("cpu")
 SEED = 0
@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = f"{torch.get_num_threads()} ({'set' if args.threads else 'default'})"
     print(
         f"torch {torch.__version__} | python {platform.python_version()} | device {DEVICE} | "
-        f"threads {threads} | interop threads {torch.get_num_interop_threads()}"
+        f"threads {threads} | interop threads {torch.get_num_interop_threads()} | "
+        f"structlearn {git_sha() or 'unknown commit'}"
     )
     print(
         f"(a) {epochs} epochs per call, {repeats} alternating repeats; "
