@@ -227,6 +227,7 @@ def test_hard_prune_zeroes_pruned_weights_and_keeps_the_function():
 def test_checkpoint_round_trip(tmp_path):
     method = MorphoNet()
     summary, model = run(method, tmp_path, epochs=2)
+    assert summary["status"] == "completed"
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "method": method.state_dict()}, path)
     state = torch.load(path, weights_only=True)
