@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from structlearn.utils import atomic_write_json
+from structlearn.utils import atomic_write_json, check
 
 log = logging.getLogger("structlearn")
 
@@ -67,11 +67,16 @@ class ConsoleSink:
     """A progress bar with live loss and accuracy, and one line per evaluation.
 
     Args:
-        bar: show a tqdm progress bar over the steps (on stderr).
+        bar: show a tqdm progress bar over the steps (on stderr, when it is a terminal).
+        log_every: log every this many evaluation rows (the run's end is always logged).
     """
 
-    def __init__(self, bar: bool = True) -> None:
-        self.bar = bar
+    def __init__(self, bar: bool = True, log_every: int = 1) -> None:
+        check(
+            isinstance(log_every, int) and log_every >= 1, "log_every", log_every, "must be an integer >= 1"
+        )
+        self.bar, self.log_every = bar, log_every
+        self._rows = 0
         self._tqdm: Any = None
         self._redirect: Any = None
 
@@ -102,6 +107,9 @@ class ConsoleSink:
             self._tqdm.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
 
     def log(self, row: Mapping[str, float], step: int) -> None:
+        self._rows += 1
+        if self._rows % self.log_every:
+            return
         keys = ("train_loss", "train_acc", "test_loss", "test_acc")
         log.info(f"epoch {int(row['epoch'])}: " + " ".join(f"{k} {row[k]:.4f}" for k in keys if k in row))
 

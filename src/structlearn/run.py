@@ -34,13 +34,18 @@ if not OmegaConf.has_resolver("unique_id"):
 
 
 def _scalars(cfg: DictConfig) -> tuple[int, torch.device, str]:
-    """Validate the top-level scalars: seed, device, precision."""
-    seed, precision = cfg.seed, cfg.precision
+    """Validate the top-level scalars: seed, device, precision, threads."""
+    seed, precision, threads = cfg.seed, cfg.precision, cfg.get("threads")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed={seed!r} is invalid: must be an integer >= 0")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r} is invalid: must be one of {PRECISIONS}")
-    return seed, resolve_device(cfg.device), precision
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads={threads!r} is invalid: must be an integer >= 1 or null")
+    device = resolve_device(cfg.device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return seed, device, precision
 
 
 def _names(cfg: DictConfig) -> dict[str, str]:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from structlearn.data.base import InMemoryDataset
 from structlearn.loggers import RunInfo, RunRecord, Sink, log
 from structlearn.methods.base import Method, OptimizerSlot, Plan
 from structlearn.schedules import TrainSchedule
+from structlearn.utils import clip_grad_norm
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 METRIC_KEYS = ("test_acc", "test_loss", "train_loss", "train_acc")
@@ -115,6 +116,48 @@ def _set_lrs(slots: Sequence[OptimizerSlot], step: int) -> None:
             group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
 
 
+class StepResult(NamedTuple):
+    """What one training step leaves for bookkeeping (tensors stay on the device)."""
+
+    loss: Tensor
+    logits: Tensor
+    extras: dict[str, Tensor]
+    event: dict[str, float]
+
+
+def train_step(
+    model: nn.Module,
+    method: Method,
+    slots: Sequence[OptimizerSlot],
+    x: Tensor,
+    y: Tensor,
+    step: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> StepResult:
+    """One optimisation step in the protocol's order (see :mod:`structlearn.methods.base`).
+
+    The body of the training loop, exposed so that benchmarks time exactly what the runner does.
+    """
+    _set_lrs(slots, step)
+    with autocast(device, precision):
+        output = model(x)
+        logits = logits_of(output)
+        loss = F.cross_entropy(logits.float(), y)
+        extras = method.extra_loss(model, output, step)
+        total = loss + sum(extras.values()) if extras else loss
+    for slot in slots:
+        slot.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    method.after_backward(model, step)
+    for slot in slots:
+        if slot.grad_clip is not None:
+            clip_grad_norm([p for g in slot.optimizer.param_groups for p in g["params"]], slot.grad_clip)
+        slot.optimizer.step()
+    event = method.after_step(model, step, slots)
+    return StepResult(loss, logits, extras, event)
+
+
 def train(
     *,
     data: InMemoryDataset,
@@ -201,25 +244,7 @@ def train(
             running = _Running.zeros(device)
             model.train()
             for x, y in data.train_batches(schedule.batch_size, generator):
-                _set_lrs(slots, step)
-                with autocast(device, precision):
-                    output = model(x)
-                    logits = logits_of(output)
-                    loss = F.cross_entropy(logits.float(), y)
-                    extras = method.extra_loss(model, output, step)
-                    total = loss + sum(extras.values()) if extras else loss
-                for slot in slots:
-                    slot.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                method.after_backward(model, step)
-                for slot in slots:
-                    if slot.grad_clip is not None:
-                        params = [
-                            p for g in slot.optimizer.param_groups for p in g["params"] if p.grad is not None
-                        ]
-                        torch.nn.utils.clip_grad_norm_(params, slot.grad_clip)
-                    slot.optimizer.step()
-                event = method.after_step(model, step, slots)
+                loss, logits, extras, event = train_step(model, method, slots, x, y, step, device, precision)
                 running.loss += loss.detach() * len(y)
                 running.correct += (logits.detach().argmax(dim=1) == y).sum()
                 running.seen += len(y)

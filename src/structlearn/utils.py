@@ -65,6 +65,25 @@ def build(node: DictConfig | Mapping[str, Any], key: str, **runtime: Any) -> Any
         raise
 
 
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``params`` so that their global L2 norm is at most ``max_norm``.
+
+    The same result as ``torch.nn.utils.clip_grad_norm_``, in four fused (foreach) operations and
+    without a host synchronisation: the scale min(1, max_norm / (norm + 1e-6)) is applied even when
+    it is 1.
+
+    Returns:
+        The global norm before clipping (a 0-dim tensor on the device).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) from one integer."""
     random.seed(seed)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, count_parameters, default_slot
 from structlearn.schedules import TrainSchedule, cosine
 from structlearn.sparse.masks import prunable_weights
-from structlearn.utils import check
+from structlearn.utils import check, clip_grad_norm
 
 PENALTIES = ("quadratic", "hinge", "l1_mean", "none")
 DENSITY_SCHEDULES = ("cosine", "constant")
@@ -61,6 +61,7 @@ class _Morpho:
         self.register_buffer("temperature", torch.tensor(1.0))
         self.hard = False
         self.hard_forward = False
+        self.last_soft_mask: Tensor | None = None
 
     def soft_mask(self) -> Tensor:
         """sigma(L / T), the mask used in training."""
@@ -71,9 +72,12 @@ class _Morpho:
         return self.logits > 0
 
     def mask(self) -> Tensor:
+        """The mask of this forward pass; in training the soft mask is kept for the sparsity penalty."""
         if self.hard or self.hard_forward:
             return self.hard_mask().to(self.weight.dtype)
-        return self.soft_mask()
+        mask = self.soft_mask()
+        self.last_soft_mask = mask if self.training else None
+        return mask
 
 
 class MorphoLinear(nn.Linear, _Morpho):
@@ -297,7 +301,9 @@ class MorphoNet(Method):
         target = self.density_at(step)
         total = 0.0
         for layer in self.layers.values():
-            mean = layer.soft_mask().mean()
+            # The mask this step's forward used (computed once); a fresh one if there was none.
+            soft = layer.last_soft_mask if layer.last_soft_mask is not None else layer.soft_mask()
+            mean = soft.mean()
             if self.penalty == "quadratic":
                 total = total + (mean - target) ** 2
             elif self.penalty == "hinge":
@@ -308,8 +314,7 @@ class MorphoNet(Method):
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         if self.grad_clip is not None:
-            params = [p for p in model.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            clip_grad_norm(list(model.parameters()), self.grad_clip)
 
     @torch.no_grad()
     def structure_metrics(self, model: nn.Module) -> dict[str, float]:

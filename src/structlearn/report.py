@@ -1,0 +1,313 @@
+"""Turn a multirun directory into tables and plots: ``structlearn-report <sweep dir>``.
+
+Every number comes from the runs' own files: ``summary.json`` (final and best metrics, parameter
+counts, status), ``.hydra/overrides.yaml`` (which grid cell a job is) and ``metrics.csv``
+(learning curves). Runs are grouped by the overrides that vary across the sweep (seed excluded),
+and each group gets mean ± std over seeds, n, and a paired t-test against a named baseline group
+(paired by seed, so each comparison uses the same data draws).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+PAIR_KEY = "seed"
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        elif not isinstance(value, list):
+            out[name] = value
+    return out
+
+
+def load_runs(root: str | Path) -> pd.DataFrame:
+    """One row per run under ``root``: flattened ``summary.json`` plus the job's overrides.
+
+    Override columns are named ``override:<key>`` (e.g. ``override:method.density``).
+    """
+    rows = []
+    for path in sorted(Path(root).rglob("summary.json")):
+        summary = json.loads(path.read_text())
+        row = _flatten({k: v for k, v in summary.items() if k not in ("versions", "artifacts")})
+        row["run_dir"] = str(path.parent)
+        overrides = path.parent / ".hydra" / "overrides.yaml"
+        if overrides.exists():
+            for item in yaml.safe_load(overrides.read_text()) or []:
+                key, _, value = str(item).partition("=")
+                row[f"override:{key.lstrip('+~')}"] = value
+        rows.append(row)
+    if not rows:
+        raise FileNotFoundError(f"no summary.json under {root}")
+    return pd.DataFrame(rows)
+
+
+def grid_keys(runs: pd.DataFrame) -> list[str]:
+    """Override columns that take more than one value across the runs, the pairing key excluded."""
+    keys = [c for c in runs.columns if c.startswith("override:") and c != f"override:{PAIR_KEY}"]
+    return [k for k in keys if runs[k].fillna("").nunique() > 1]
+
+
+def _label(values: Sequence[Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{k.removeprefix('override:')}={v}" for k, v in zip(keys, values, strict=True)) or "all"
+
+
+def _parse_baseline(spec: str | None) -> dict[str, str]:
+    """``"method=dense,model.hidden=[64,64]"`` -> {"override:method": "dense", ...} (split on top-level commas)."""
+    if not spec:
+        return {}
+    parts, depth, current = [], 0, ""
+    for ch in spec:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return {f"override:{k.strip()}": v.strip() for k, _, v in (p.partition("=") for p in parts if p)}
+
+
+def summarize(
+    runs: pd.DataFrame,
+    by: Sequence[str] | None = None,
+    metric: str = "final.test_acc",
+    baseline: str | None = None,
+    params_reference: str | None = None,
+) -> pd.DataFrame:
+    """Mean ± std over seeds per group, with a paired t-test against the matching baseline group.
+
+    The baseline of a group is the group with the baseline's values for the keys the baseline names
+    and the group's own values for every other key (the same dataset, say); runs are paired by seed.
+
+    Args:
+        runs: from :func:`load_runs`.
+        by: grouping columns (default: the overrides that vary, see :func:`grid_keys`).
+        metric: the column compared (``final.test_acc``, ``best.test_acc``, ...).
+        baseline: ``key=value[,key=value]``, e.g. ``method=dense``.
+        params_reference: like ``baseline``; the params ratio is a group's mean effective parameters
+            over the mean total parameters of its matching reference group (default: the baseline).
+
+    Returns:
+        One row per group: the group keys, ``n``, ``failed``, ``mean``, ``std``, ``effective_params``,
+        ``params_ratio``, ``diff`` (mean paired difference to the baseline), ``p_value`` (paired t-test).
+    """
+    from scipy import stats
+
+    by = list(by) if by is not None else grid_keys(runs)
+    done = runs[runs["status"] == "completed"]
+    base_sel = _parse_baseline(baseline)
+    ref_sel = _parse_baseline(params_reference) or base_sel
+    for key in {**base_sel, **ref_sel}:
+        if key not in runs:
+            raise KeyError(f"baseline key {key.removeprefix('override:')!r} is not an override of these runs")
+
+    def matching(frame: pd.DataFrame, cell: Mapping[str, Any], sel: Mapping[str, str]) -> pd.DataFrame:
+        wanted = {**{k: cell[k] for k in by if k not in sel}, **sel}
+        mask = pd.Series(True, index=frame.index)
+        for key, value in wanted.items():
+            mask &= frame[key].astype(str) == str(value)
+        return frame[mask]
+
+    rows = []
+    for values, group in done.groupby(by, dropna=False, sort=True) if by else [((), done)]:
+        cell = dict(zip(by, values if isinstance(values, tuple) else (values,), strict=True))
+        scores = group[metric].astype(float)
+        row: dict[str, Any] = {k.removeprefix("override:"): v for k, v in cell.items()}
+        row.update(
+            n=len(scores),
+            failed=int((matching(runs, cell, {})["status"] != "completed").sum()),
+            mean=scores.mean(),
+            std=scores.std(ddof=1) if len(scores) > 1 else math.nan,
+            effective_params=group["params.effective"].mean(),
+            params_ratio=math.nan,
+            diff=math.nan,
+            p_value=math.nan,
+        )
+        if ref_sel and len(ref := matching(done, cell, ref_sel)):
+            row["params_ratio"] = row["effective_params"] / ref["params.total"].mean()
+        if base_sel and len(base := matching(done, cell, base_sel)):
+            paired = group.merge(base[[PAIR_KEY, metric]], on=PAIR_KEY, suffixes=("", "_base"))
+            a, b = paired[metric].astype(float), paired[f"{metric}_base"].astype(float)
+            if len(paired) >= 2 and (a - b).abs().sum() > 0:
+                row["diff"] = (a - b).mean()
+                row["p_value"] = float(stats.ttest_rel(a, b).pvalue)
+            elif len(paired):
+                row["diff"] = (a - b).mean()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame, metric: str = "final.test_acc", percent: bool = True) -> str:
+    """A Markdown table: groups, n, mean ± std, params, ratio, paired difference and p-value."""
+    scale = 100.0 if percent else 1.0
+    keys = [
+        c
+        for c in table.columns
+        if c not in ("n", "failed", "mean", "std", "effective_params", "params_ratio", "diff", "p_value")
+    ]
+    head = [
+        *keys,
+        "n",
+        f"{metric} (mean ± std)",
+        "effective params",
+        "params ratio",
+        "Δ vs baseline",
+        "p (paired t)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(x: float, spec: str) -> str:
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    for _, r in table.iterrows():
+        std = "" if math.isnan(r["std"]) else f" ± {r['std'] * scale:.1f}"
+        n = f"{r['n']}" + (f" ({r['failed']} failed)" if r.get("failed") else "")
+        cells = [
+            *(str(r[k]) for k in keys),
+            n,
+            f"{r['mean'] * scale:.1f}{std}",
+            fmt(r["effective_params"], ",.0f"),
+            fmt(r["params_ratio"], ".2f") + ("×" if not math.isnan(r["params_ratio"]) else ""),
+            fmt(r["diff"] * scale, "+.1f"),
+            fmt(r["p_value"], ".3g"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_params(table: pd.DataFrame, path: Path, metric: str = "final.test_acc") -> Path:
+    """Mean accuracy (± std) against mean effective parameters, one point per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        c
+        for c in table.columns
+        if c not in ("n", "failed", "mean", "std", "effective_params", "params_ratio", "diff", "p_value")
+    ]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for _, r in table.iterrows():
+        label = _label([r[k] for k in keys], keys)
+        ax.errorbar(
+            r["effective_params"],
+            r["mean"] * 100,
+            yerr=(r["std"] * 100 if r["n"] > 1 else None),
+            fmt="o",
+            capsize=3,
+            label=label,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("effective parameters (mean over seeds)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(runs: pd.DataFrame, by: Sequence[str], path: Path, columns: Sequence[str]) -> Path:
+    """Mean learning curves per group from each run's metrics.csv (one panel per column)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.0 * len(columns), 3.8), squeeze=False)
+    done = runs[runs["status"] == "completed"]
+    groups = done.groupby(list(by), dropna=False, sort=True) if by else [((), done)]
+    for values, group in groups:
+        values = values if isinstance(values, tuple) else (values,)
+        frames = [
+            pd.read_csv(Path(d) / "metrics.csv")
+            for d in group["run_dir"]
+            if (Path(d) / "metrics.csv").exists()
+        ]
+        if not frames:
+            continue
+        curves = pd.concat(frames).groupby("epoch").mean(numeric_only=True)
+        for ax, column in zip(axes[0], columns, strict=True):
+            if column in curves:
+                ax.plot(curves.index, curves[column], label=_label(values, list(by)))
+    for ax, column in zip(axes[0], columns, strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(column)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def report(
+    root: str | Path,
+    out: str | Path | None = None,
+    by: Sequence[str] | None = None,
+    metric: str = "final.test_acc",
+    baseline: str | None = None,
+    params_reference: str | None = None,
+    name: str = "report",
+) -> dict[str, Path]:
+    """Write ``<name>.md``, ``<name>.csv`` and plots for the runs under ``root``; return their paths."""
+    runs = load_runs(root)
+    by = [b if b.startswith("override:") else f"override:{b}" for b in by] if by else grid_keys(runs)
+    table = summarize(runs, by, metric, baseline, params_reference)
+    out = Path(out) if out else Path(root)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / f"{name}.md", "csv": out / f"{name}.csv"}
+    title = f"{len(runs)} runs from `{root}`; {metric}; baseline: {baseline or 'none'}\n\n"
+    paths["md"].write_text(title + to_markdown(table, metric))
+    table.to_csv(paths["csv"], index=False)
+    paths["params_plot"] = plot_accuracy_vs_params(table, out / f"{name}_accuracy_vs_params.png", metric)
+    header = {
+        c
+        for d in runs["run_dir"]
+        if (Path(d) / "metrics.csv").exists()
+        for c in pd.read_csv(Path(d) / "metrics.csv", nrows=0).columns
+    }
+    curve_columns = ["test_acc"] + [
+        c for c in ("density/masked_layers", "density/sparse_layers") if c in header
+    ]
+    paths["curves_plot"] = plot_curves(runs, by, out / f"{name}_curves.png", curve_columns)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``structlearn-report SWEEP_DIR [--by KEY ...] [--metric M] [--baseline key=value] [--out DIR]``."""
+    parser = argparse.ArgumentParser(prog="structlearn-report", description=__doc__.splitlines()[0])
+    parser.add_argument("root", help="a multirun directory (or any folder of run directories)")
+    parser.add_argument("--by", nargs="*", help="override keys to group by (default: those that vary)")
+    parser.add_argument("--metric", default="final.test_acc", help="summary column to compare")
+    parser.add_argument("--baseline", help="key=value[,key=value]: the group others are tested against")
+    parser.add_argument("--params-reference", help="key=value: group whose total params define the ratio")
+    parser.add_argument("--out", help="output folder (default: the sweep directory)")
+    parser.add_argument("--name", default="report", help="file name stem")
+    args = parser.parse_args(argv)
+    paths = report(args.root, args.out, args.by, args.metric, args.baseline, args.params_reference, args.name)
+    print(paths["md"].read_text())
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()
