@@ -1,0 +1,48 @@
+"""Helpers: gradient clipping, devices, atomic writes, config building."""
+
+import json
+
+import pytest
+import torch
+
+from structlearn.utils import ConfigError, atomic_write_json, build, clip_grad_norm, resolve_device
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_grad_norm_matches_torch(max_norm):
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(7)), torch.nn.Parameter(torch.zeros(2))]
+    ref = [torch.nn.Parameter(torch.zeros_like(p)) for p in ours]
+    for a, b in zip(ours, ref, strict=True):
+        a.grad = torch.randn_like(a) * 3
+        b.grad = a.grad.clone()
+    ours[2].grad = None  # parameters without gradients are skipped
+    ref[2].grad = None
+    norm = clip_grad_norm(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    for a, b in zip(ours[:2], ref[:2], strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    with pytest.raises(ConfigError, match=r"device='cuda:x' is invalid"):
+        resolve_device("cuda:x")
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    atomic_write_json(tmp_path / "s.json", {"a": 1})
+    atomic_write_json(tmp_path / "s.json", {"a": 2})
+    assert json.loads((tmp_path / "s.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_build_names_the_config_path_of_a_bad_value():
+    node = {"_target_": "structlearn.methods.Static", "density": 2.0}
+    with pytest.raises(ConfigError, match=r"^method.density=2.0 is invalid: must be in \(0, 1\]$"):
+        build(node, "method")
+    with pytest.raises(ConfigError, match=r"^model: "):
+        build({"_target_": "structlearn.models.MLP", "input_shape": (2,), "num_classes": 2,
+               "hidden": [4], "dropout": 0.0, "activation": "relu", "bogus": 1}, "model")
