@@ -82,3 +82,13 @@ def test_unknown_baseline_key_is_an_error(tmp_path):
     write_sweep(tmp_path)
     with pytest.raises(KeyError, match="'optimizer' is not an override"):
         summarize(load_runs(tmp_path), baseline="optimizer=sgd")
+
+
+def test_pooled_groups_pair_within_each_dataset(tmp_path):
+    write_sweep(tmp_path)
+    table = summarize(load_runs(tmp_path), ["override:method"], baseline="method=dense").set_index("method")
+    sparse = ACC[("moons", "sparse")] + ACC[("blobs", "sparse")]
+    dense = ACC[("moons", "dense")] + ACC[("blobs", "dense")]
+    assert table.loc["sparse", "n"] == 6
+    assert table.loc["sparse", "diff"] == pytest.approx(sum(sparse) / 6 - sum(dense) / 6)
+    assert table.loc["sparse", "p_value"] == pytest.approx(stats.ttest_rel(sparse, dense).pvalue)

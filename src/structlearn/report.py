@@ -33,13 +33,13 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_runs(root: str | Path) -> pd.DataFrame:
-    """One row per run under ``root``: flattened ``summary.json`` plus the job's overrides.
+def load_runs(*roots: str | Path) -> pd.DataFrame:
+    """One row per run under the ``roots``: flattened ``summary.json`` plus the job's overrides.
 
     Override columns are named ``override:<key>`` (e.g. ``override:method.density``).
     """
     rows = []
-    for path in sorted(Path(root).rglob("summary.json")):
+    for path in sorted(p for root in roots for p in Path(root).rglob("summary.json")):
         summary = json.loads(path.read_text())
         row = _flatten({k: v for k, v in summary.items() if k not in ("versions", "artifacts")})
         row["run_dir"] = str(path.parent)
@@ -50,7 +50,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
                 row[f"override:{key.lstrip('+~')}"] = value
         rows.append(row)
     if not rows:
-        raise FileNotFoundError(f"no summary.json under {root}")
+        raise FileNotFoundError(f"no summary.json under {', '.join(map(str, roots))}")
     return pd.DataFrame(rows)
 
 
@@ -124,6 +124,9 @@ def summarize(
             mask &= frame[key].astype(str) == str(value)
         return frame[mask]
 
+    # Runs pair up by seed and by every varying override that is not a group key (e.g. the dataset
+    # when the groups pool datasets), so each pair shares its data draw and task.
+    pair_on = [PAIR_KEY, *(k for k in grid_keys(runs) if k not in by and k not in base_sel)]
     rows = []
     for values, group in done.groupby(by, dropna=False, sort=True) if by else [((), done)]:
         cell = dict(zip(by, values if isinstance(values, tuple) else (values,), strict=True))
@@ -142,7 +145,7 @@ def summarize(
         if ref_sel and len(ref := matching(done, cell, ref_sel)):
             row["params_ratio"] = row["effective_params"] / ref["params.total"].mean()
         if base_sel and len(base := matching(done, cell, base_sel)):
-            paired = group.merge(base[[PAIR_KEY, metric]], on=PAIR_KEY, suffixes=("", "_base"))
+            paired = group.merge(base[[*pair_on, metric]], on=pair_on, suffixes=("", "_base"))
             a, b = paired[metric].astype(float), paired[f"{metric}_base"].astype(float)
             if len(paired) >= 2 and (a - b).abs().sum() > 0:
                 row["diff"] = (a - b).mean()
