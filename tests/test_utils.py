@@ -11,7 +11,11 @@ from structlearn.utils import ConfigError, atomic_write_json, build, clip_grad_n
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])
 def test_clip_grad_norm_matches_torch(max_norm):
     torch.manual_seed(0)
-    ours = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(7)), torch.nn.Parameter(torch.zeros(2))]
+    ours = [
+        torch.nn.Parameter(torch.zeros(4, 3)),
+        torch.nn.Parameter(torch.zeros(7)),
+        torch.nn.Parameter(torch.zeros(2)),
+    ]
     ref = [torch.nn.Parameter(torch.zeros_like(p)) for p in ours]
     for a, b in zip(ours, ref, strict=True):
         a.grad = torch.randn_like(a) * 3
@@ -44,5 +48,15 @@ def test_build_names_the_config_path_of_a_bad_value():
     with pytest.raises(ConfigError, match=r"^method.density=2.0 is invalid: must be in \(0, 1\]$"):
         build(node, "method")
     with pytest.raises(ConfigError, match=r"^model: "):
-        build({"_target_": "structlearn.models.MLP", "input_shape": (2,), "num_classes": 2,
-               "hidden": [4], "dropout": 0.0, "activation": "relu", "bogus": 1}, "model")
+        build(
+            {
+                "_target_": "structlearn.models.MLP",
+                "input_shape": (2,),
+                "num_classes": 2,
+                "hidden": [4],
+                "dropout": 0.0,
+                "activation": "relu",
+                "bogus": 1,
+            },
+            "model",
+        )

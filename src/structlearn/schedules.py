@@ -141,3 +141,27 @@ class TrainSchedule:
                 value,
                 "must be a finite number >= 0",
             )
+
+
+def drop_fraction(step: int, *, initial: float, end: int, decay: str = "cosine") -> float:
+    """Fraction of each layer's active weights that a dynamic-sparse update replaces at ``step``.
+
+    ``cosine`` is RigL's anneal (Evci et al. 2020): initial / 2 * (1 + cos(pi * step / end)), so
+    ``initial`` at 0, ``initial / 2`` at ``end / 2`` and 0 at ``end``; ``linear`` falls on a straight
+    line to 0 at ``end``; ``constant`` (SET's fixed zeta) stays at ``initial``. From ``end`` on the
+    topology is frozen, so every decay returns 0 there.
+
+    Args:
+        step: the global step (completed optimiser steps).
+        initial: the fraction at step 0 (alpha in RigL, zeta in SET), in [0, 1].
+        end: the step from which no update happens (T_end), > 0.
+        decay: ``cosine``, ``linear`` or ``constant``.
+    """
+    check(decay in DECAYS, "decay", decay, f"must be one of {DECAYS}")
+    if step >= end:
+        return 0.0
+    if decay == "constant":
+        return initial
+    if decay == "linear":
+        return initial * (1.0 - max(step, 0) / end)
+    return cosine(step, end, start=initial, end=0.0)

@@ -5,4 +5,17 @@ from structlearn.methods.dst import SET, DynamicSparse, RigL
 from structlearn.methods.masked import GMP, MaskedMethod, Static
 from structlearn.methods.morphonet import MorphoNet
 
-__all__ = ["GMP", "SET", "Dense", "DynamicSparse", "MaskedMethod", "Method", "MorphoNet", "OptimizerSlot", "ParamCount", "Plan", "RigL", "Static"]
+__all__ = [
+    "GMP",
+    "SET",
+    "Dense",
+    "DynamicSparse",
+    "MaskedMethod",
+    "Method",
+    "MorphoNet",
+    "OptimizerSlot",
+    "ParamCount",
+    "Plan",
+    "RigL",
+    "Static",
+]

@@ -2,5 +2,6 @@
 
 from structlearn.models.mlp import MLP
 from structlearn.models.resnet import ResNet
+from structlearn.models.wideresnet import WideResNet
 
-__all__ = ["MLP", "ResNet"]
+__all__ = ["MLP", "ResNet", "WideResNet"]

@@ -119,3 +119,37 @@ def magnitude_mask(weight: Tensor, mask: Tensor, k: int) -> Tensor:
     """Keep the ``k`` largest-magnitude weights among those active in ``mask`` (k <= active count)."""
     scores = torch.where(mask, weight.detach().abs(), torch.full_like(weight, -1.0))
     return topk_mask(scores, k)
+
+
+def drop_and_grow(
+    weight: Tensor,
+    mask: Tensor,
+    n_active: int,
+    k: int,
+    grow_scores: Tensor,
+    regrow_dropped: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One prune-and-regrow step on one layer: drop the ``k`` smallest active |w|, grow ``k`` by score.
+
+    The new mask is ``(mask & ~dropped) | grown`` and has exactly ``n_active`` active entries.
+
+    Args:
+        weight: the dense weight, same shape as ``mask``.
+        mask: bool mask of the active weights before the update.
+        n_active: ``mask.sum()``, passed in so that no host synchronisation is needed.
+        k: how many connections to drop and to grow, in [0, n_active].
+        grow_scores: higher is grown first (|dense gradient| for RigL, uniform noise for SET).
+        regrow_dropped: if False, grow only among connections inactive before the drop, so the
+            dropped and grown sets are disjoint; if True, just-dropped connections compete too.
+
+    Returns:
+        ``(dropped, grown)``: bool masks of exactly ``k`` entries each.
+    """
+    candidates = weight.numel() - n_active + (k if regrow_dropped else 0)
+    check(0 <= k <= min(n_active, candidates), "k", k, f"must be in [0, {min(n_active, candidates)}]")
+    # the k smallest |w| among the active (inactive entries score -inf and k <= n_active)
+    dropped = topk_mask(weight.detach().abs().neg().masked_fill(~mask, float("-inf")), k)
+    kept = mask & ~dropped
+    excluded = kept if regrow_dropped else mask  # never regrow a kept weight (or any old one)
+    grown = topk_mask(grow_scores.masked_fill(excluded, float("-inf")), k)
+    return dropped, grown

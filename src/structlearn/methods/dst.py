@@ -1,0 +1,405 @@
+"""Dynamic sparse training: SET (Mocanu et al. 2018) and RigL (Evci et al. 2020).
+
+Both keep a fixed number of active weights per layer and, at scheduled steps, replace some of
+them: drop the ``k`` active weights of smallest magnitude, grow ``k`` new ones among the inactive
+connections. They differ only in how growth is scored (SET: at random; RigL: by the magnitude of
+the dense gradient), which is all their subclasses define. The parts are kept apart:
+
+* **rule**: :meth:`DynamicSparse.grow_scores` (and, for RigL, reading gradients in
+  :meth:`DynamicSparse.observe_gradients`);
+* **schedule**: *when* is :meth:`DynamicSparse.is_update_step` and *how much* is
+  :func:`structlearn.schedules.drop_fraction`, both pure functions of the step, so a resumed run
+  continues exactly where it stopped;
+* **kernels**: :func:`~structlearn.sparse.masks.drop_and_grow`, ``topk_mask``, ``layer_densities``
+  and ``allocate_counts`` in :mod:`structlearn.sparse.masks`, pure tensor functions.
+
+Where the published implementations disagree (``reference/sparse_training.md`` §13), the choice is
+an explicit constructor argument with the paper's intent as its default:
+
+* ``update_order``: ``instead_of_step`` (RigL's Algorithm 1 and the official TF code and
+  rigl-torch: on an update step the topology changes and no optimiser update is applied) or
+  ``after_step`` (SET, SRigL, Cerebras, sparsimony: the optimiser steps, then the mask changes).
+* ``grow_init``: ``zero`` (every reference default) or ``random``.
+* ``reset_optimizer_state``: zero the optimiser state of grown (and dropped) connections, or let
+  grown connections inherit it (sparse_learning's behaviour).
+* ``regrow_dropped``: whether a connection dropped in an update may be grown back in the same one
+  (the official RigL code allows it; excluded by default so that every update really replaces
+  ``k`` connections and the dropped and grown sets are disjoint).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from structlearn import schedules
+from structlearn.methods.base import OptimizerSlot, Plan
+from structlearn.methods.masked import MaskedMethod
+from structlearn.sparse.masks import drop_and_grow
+from structlearn.utils import check
+
+UPDATE_ORDERS = ("instead_of_step", "after_step")
+GROW_INITS = ("zero", "random")
+
+
+class DynamicSparse(MaskedMethod):
+    """Prune-and-regrow on fixed per-layer budgets; subclasses only score growth.
+
+    Every ``update_every`` steps before ``end``, each sparse layer with ``n`` active weights
+    drops ``k = floor(f(t) * n)`` of them by smallest |w| and grows exactly ``k`` by
+    :meth:`grow_scores`, where ``f(t)`` is ``drop_fraction`` decayed by ``drop_fraction_decay``
+    (:func:`structlearn.schedules.drop_fraction`). Per-layer counts never change: they are
+    fixed at :meth:`prepare` by ``distribution`` and exact (``allocate_counts``). Without
+    ``regrow_dropped``, ``k`` is also capped by the number of inactive connections, so a dense
+    (or nearly dense) layer is left alone.
+
+    Grown connections start at ``grow_init``; with ``reset_optimizer_state`` every per-element
+    optimiser state tensor shaped like the weight (SGD ``momentum_buffer``; Adam/AdamW
+    ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``; likewise RMSprop and
+    Adagrad accumulators) is set to zero at grown **and** dropped positions. Between updates the
+    optimiser sees dense gradients, so the state of inactive weights keeps integrating them (the
+    weights themselves are re-zeroed after every step); without the reset a grown connection
+    inherits that state (sparse_learning's "momentum growth" semantics). Adam's per-tensor
+    ``step`` is shared and not reset, so a reset moment takes a first step of about
+    ``lr * (1 - beta1) / sqrt(1 - beta2)`` in the gradient's direction, as in the TF code.
+
+    Updates happen in :meth:`after_step` of the step whose completed-step count ``t = step + 1``
+    is a multiple of the update interval and below ``end * total_steps``; the mask is untouched
+    on every other step, where the hooks do no host synchronisation.
+
+    Args:
+        density: fraction of active weights over all sparse layers, in (0, 1].
+        distribution: how the density is spread over layers: ``uniform``, ``erdos_renyi`` or ``erk``.
+        update_every: steps between updates (an integer >= 1), or ``"epoch"`` for the last step of
+            every epoch.
+        end: fraction of training from which the topology is frozen (T_end), in (0, 1].
+        drop_fraction: fraction of each layer's active weights replaced at the first update
+            (RigL's alpha, SET's zeta), in [0, 1].
+        drop_fraction_decay: ``cosine`` (to 0 at ``end``), ``linear`` or ``constant``.
+        update_order: ``instead_of_step`` (an update step applies no optimiser update to any
+            parameter) or ``after_step`` (the optimiser steps, then the mask changes).
+        grow_init: value of grown weights: ``zero``, or ``random`` (normal, with the root mean
+            square of the layer's kept weights as standard deviation, TF RigL's ``random_normal``).
+        reset_optimizer_state: zero the optimiser state at grown and dropped positions.
+        regrow_dropped: let connections dropped in an update compete for regrowth in the same
+            update; one that is regrown keeps its value and optimiser state (the official RigL
+            code's default), so fewer than ``k`` connections may really change.
+        dense_layers, first_layer_dense, last_layer_dense: see :class:`MaskedMethod`.
+    """
+
+    def __init__(
+        self,
+        density: float = 0.1,
+        distribution: str = "erk",
+        update_every: int | str = 100,
+        end: float = 0.75,
+        drop_fraction: float = 0.3,
+        drop_fraction_decay: str = "cosine",
+        update_order: str = "instead_of_step",
+        grow_init: str = "zero",
+        reset_optimizer_state: bool = True,
+        regrow_dropped: bool = False,
+        dense_layers: Sequence[str] = (),
+        first_layer_dense: bool = False,
+        last_layer_dense: bool = False,
+    ) -> None:
+        super().__init__(density, distribution, dense_layers, first_layer_dense, last_layer_dense)
+        check(
+            update_every == "epoch"
+            or (isinstance(update_every, int) and not isinstance(update_every, bool) and update_every >= 1),
+            "update_every",
+            update_every,
+            "must be an integer >= 1 (steps) or 'epoch'",
+        )
+        check(isinstance(end, int | float) and 0.0 < end <= 1.0, "end", end, "must be in (0, 1]")
+        check(
+            isinstance(drop_fraction, int | float) and 0.0 <= drop_fraction <= 1.0,
+            "drop_fraction",
+            drop_fraction,
+            "must be in [0, 1]",
+        )
+        check(
+            drop_fraction_decay in schedules.DECAYS,
+            "drop_fraction_decay",
+            drop_fraction_decay,
+            f"must be one of {schedules.DECAYS}",
+        )
+        check(update_order in UPDATE_ORDERS, "update_order", update_order, f"must be one of {UPDATE_ORDERS}")
+        check(grow_init in GROW_INITS, "grow_init", grow_init, f"must be one of {GROW_INITS}")
+        check(
+            isinstance(reset_optimizer_state, bool),
+            "reset_optimizer_state",
+            reset_optimizer_state,
+            "must be true or false",
+        )
+        check(isinstance(regrow_dropped, bool), "regrow_dropped", regrow_dropped, "must be true or false")
+        self.update_every = update_every
+        self.end = float(end)
+        self.drop_fraction = float(drop_fraction)
+        self.drop_fraction_decay = drop_fraction_decay
+        self.update_order = update_order
+        self.grow_init = grow_init
+        self.reset_optimizer_state = reset_optimizer_state
+        self.regrow_dropped = regrow_dropped
+        self.ever_active: dict[str, Tensor] = {}  # name -> bool, every connection active at some point
+        self._every = 1  # update interval in steps (resolved from "epoch" in prepare)
+        self._end_step = 0  # T_end in steps: no update at or after it
+        self._counts: dict[str, int] = {}  # name -> active weights, fixed for the whole run
+
+    # -- the rule: what subclasses define ---------------------------------------------------------
+
+    def grow_scores(self, name: str, weight: Tensor, mask: Tensor) -> Tensor:
+        """Growth score of every connection of one layer (higher grows first), shaped like ``weight``.
+
+        Only inactive connections (and, with ``regrow_dropped``, just-dropped ones) are candidates;
+        the scores of the others are ignored.
+        """
+        raise NotImplementedError
+
+    def observe_gradients(self) -> None:
+        """Read what growth needs from the dense ``.grad`` of the sparse weights (update steps only)."""
+
+    # -- the schedule -----------------------------------------------------------------------------
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether the step with 0-based index ``step`` rewires (a pure function of the step)."""
+        t = step + 1  # steps completed once this one is taken
+        return t % self._every == 0 and t < self._end_step
+
+    def drop_fraction_at(self, step: int) -> float:
+        """The fraction of active weights replaced if ``step`` (0-based) is an update step."""
+        return schedules.drop_fraction(
+            step + 1, initial=self.drop_fraction, end=self._end_step, decay=self.drop_fraction_decay
+        )
+
+    # -- protocol ---------------------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
+        self._every = plan.steps_per_epoch if self.update_every == "epoch" else int(self.update_every)
+        self._end_step = round(self.end * plan.total_steps)
+        model = super().prepare(model, plan)
+        self._sync_from_masks()
+        return model
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        if not self.is_update_step(step):
+            return
+        self.observe_gradients()
+        if self.update_order == "instead_of_step":
+            for p in model.parameters():  # an optimiser skips parameters without a gradient
+                p.grad = None
+
+    def after_step(self, model: nn.Module, step: int, optimizers: list[OptimizerSlot]) -> dict[str, float]:
+        if not self.is_update_step(step):
+            self.apply_masks()
+            return {}
+        fraction = self.drop_fraction_at(step)
+        old = dict(self.masks)  # rewire_layer replaces masks, never mutates them
+        drops: dict[str, int] = {}
+        for name, w in self._weights.items():
+            n_active = self._counts[name]
+            k = math.floor(fraction * n_active)
+            if not self.regrow_dropped:
+                k = min(k, w.numel() - n_active)
+            drops[name] = k
+            if k > 0:
+                self.rewire_layer(name, k, optimizers)
+        self.apply_masks()
+        return self._update_metrics(old, drops, fraction)
+
+    def structure_metrics(self, model: nn.Module) -> dict[str, float]:
+        metrics = super().structure_metrics(model)
+        total = sum(m.numel() for m in self.ever_active.values())
+        metrics["dst/ever_active"] = sum(int(m.sum()) for m in self.ever_active.values()) / total
+        return metrics
+
+    def write_artifacts(self, model: nn.Module, run_dir: Path) -> list[Path]:
+        path = run_dir / "ever_active.pt"
+        torch.save({name: m.cpu() for name, m in self.ever_active.items()}, path)
+        return [*super().write_artifacts(model, run_dir), path]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "ever_active": {n: m.clone() for n, m in self.ever_active.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._sync_from_masks(state["ever_active"])
+
+    # -- the update -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rewire_layer(self, name: str, k: int, optimizers: Sequence[OptimizerSlot]) -> tuple[Tensor, Tensor]:
+        """Drop ``k`` active weights of layer ``name`` by smallest |w| and grow ``k`` by :meth:`grow_scores`.
+
+        Sets grown weights to ``grow_init``, applies the optimiser-state policy, and updates
+        ``masks`` and ``ever_active``. The caller re-applies the masks afterwards.
+
+        Returns:
+            ``(dropped, grown)``: the bool masks of the selected connections (``k`` each).
+        """
+        w, mask = self._weights[name], self.masks[name]
+        scores = self.grow_scores(name, w, mask)
+        dropped, grown = drop_and_grow(w, mask, self._counts[name], k, scores, self.regrow_dropped)
+        new_mask = (mask & ~dropped) | grown
+        born = grown & ~mask  # really new (differs from `grown` only with regrow_dropped)
+        gone = dropped & ~grown
+        if self.grow_init == "zero":
+            w.masked_fill_(born, 0.0)
+        else:
+            kept = mask & ~dropped
+            rms = torch.sqrt((w.square() * kept).sum() / max(self._counts[name] - k, 1))  # 0-dim, on device
+            noise = torch.randn(w.shape, generator=self._generator).to(device=w.device, dtype=w.dtype)
+            w.copy_(torch.where(born, noise * rms, w))
+        if self.reset_optimizer_state:
+            reset_optimizer_state(w, born | gone, optimizers)
+        self.masks[name] = new_mask
+        self.ever_active[name] |= new_mask
+        return dropped, grown
+
+    def _update_metrics(
+        self, old: Mapping[str, Tensor], drops: Mapping[str, int], fraction: float
+    ) -> dict[str, float]:
+        """Per-layer density and drops, totals, churn and the ever-active fraction; one host sync."""
+        names = list(self.masks)
+        per_layer = torch.stack(
+            [
+                torch.stack([self.masks[n].sum(), (old[n] & ~self.masks[n]).sum(), self.ever_active[n].sum()])
+                for n in names
+            ]
+        ).tolist()  # (layers, 3): active, replaced, ever active
+        numel = [self.masks[n].numel() for n in names]
+        total, active = sum(numel), sum(row[0] for row in per_layer)
+        replaced = sum(row[1] for row in per_layer)
+        metrics = {
+            "dst/drop_fraction": fraction,
+            "dst/dropped": float(sum(drops.values())),
+            "dst/grown": float(sum(drops.values())),
+            "dst/replaced": float(replaced),
+            "dst/churn": replaced / active,
+            "dst/density": active / total,
+            "dst/ever_active": sum(row[2] for row in per_layer) / total,
+        }
+        for n, size, (n_active, _, _) in zip(names, numel, per_layer, strict=True):
+            metrics[f"dst/density/{n}"] = n_active / size
+            metrics[f"dst/dropped/{n}"] = float(drops[n])
+        return metrics
+
+    def _sync_from_masks(self, ever_active: Mapping[str, Tensor] | None = None) -> None:
+        """Per-layer counts from the masks (one sync, at start or resume), and the ever-active masks."""
+        self._counts = {n: int(m.sum()) for n, m in self.masks.items()}
+        source = ever_active if ever_active is not None else self.masks
+        self.ever_active = {n: source[n].to(self.masks[n].device, torch.bool).clone() for n in self.masks}
+
+
+def reset_optimizer_state(weight: Tensor, positions: Tensor, optimizers: Sequence[OptimizerSlot]) -> None:
+    """Zero, at ``positions``, every optimiser state tensor of ``weight`` shaped like it.
+
+    That is SGD's ``momentum_buffer``, Adam/AdamW's ``exp_avg``, ``exp_avg_sq`` and
+    ``max_exp_avg_sq``, and the per-element accumulators of other torch optimisers; scalar state
+    such as Adam's ``step`` is left alone. A weight the optimiser has not stepped yet has no state.
+    """
+    for slot in optimizers:
+        state = slot.optimizer.state.get(weight)
+        for value in (state or {}).values():
+            if isinstance(value, Tensor) and value.shape == weight.shape:
+                value.masked_fill_(positions, 0)
+
+
+class SET(DynamicSparse):
+    """Sparse Evolutionary Training (Mocanu et al. 2018): drop by |w|, grow at random.
+
+    Defaults follow the paper: Erdős–Rényi layer densities, one update at the end of every epoch
+    for the whole run, a constant fraction zeta = 0.3, the optimiser steps before the topology
+    changes, and grown weights start at zero with zeroed optimiser state (the Keras code rebuilt
+    its optimiser every epoch). The paper drops the smallest positive and the largest negative
+    weights separately; dropping by |w| is the same idea without the sign split (TF RigL's SET).
+
+    Args: as :class:`DynamicSparse`, with SET's defaults.
+    """
+
+    def __init__(
+        self,
+        density: float = 0.1,
+        distribution: str = "erdos_renyi",
+        update_every: int | str = "epoch",
+        end: float = 1.0,
+        drop_fraction: float = 0.3,
+        drop_fraction_decay: str = "constant",
+        update_order: str = "after_step",
+        grow_init: str = "zero",
+        reset_optimizer_state: bool = True,
+        regrow_dropped: bool = False,
+        dense_layers: Sequence[str] = (),
+        first_layer_dense: bool = False,
+        last_layer_dense: bool = False,
+    ) -> None:
+        super().__init__(
+            density, distribution, update_every, end, drop_fraction, drop_fraction_decay, update_order,
+            grow_init, reset_optimizer_state, regrow_dropped, dense_layers, first_layer_dense,
+            last_layer_dense,
+        )  # fmt: skip
+
+    def grow_scores(self, name: str, weight: Tensor, mask: Tensor) -> Tensor:
+        """Uniform noise from the method's generator: growth uniformly at random among candidates."""
+        return torch.rand(weight.shape, generator=self._generator).to(weight.device)
+
+
+class RigL(DynamicSparse):
+    """Rigged Lottery (Evci et al. 2020): drop by |w|, grow by |dense gradient|.
+
+    The gradient is the one of the normal backward pass: masked weights are exactly zero but dense
+    in memory, so ``.grad`` holds dL/dw for inactive connections too. It is read in
+    :meth:`after_backward` on update steps only (no second pass, nothing kept on other steps).
+    Defaults follow the paper: ERK densities, ΔT = 100 steps, T_end = 0.75 of training,
+    alpha = 0.3 cosine-decayed to 0 at T_end, grown weights at zero with reset optimiser state,
+    and, as in its Algorithm 1 and the official code, no optimiser update on an update step
+    (``update_order="instead_of_step"``; ``after_step`` is the order of most PyTorch ports).
+
+    Args: as :class:`DynamicSparse`, with RigL's defaults.
+    """
+
+    def __init__(
+        self,
+        density: float = 0.1,
+        distribution: str = "erk",
+        update_every: int | str = 100,
+        end: float = 0.75,
+        drop_fraction: float = 0.3,
+        drop_fraction_decay: str = "cosine",
+        update_order: str = "instead_of_step",
+        grow_init: str = "zero",
+        reset_optimizer_state: bool = True,
+        regrow_dropped: bool = False,
+        dense_layers: Sequence[str] = (),
+        first_layer_dense: bool = False,
+        last_layer_dense: bool = False,
+    ) -> None:
+        super().__init__(
+            density, distribution, update_every, end, drop_fraction, drop_fraction_decay, update_order,
+            grow_init, reset_optimizer_state, regrow_dropped, dense_layers, first_layer_dense,
+            last_layer_dense,
+        )  # fmt: skip
+        self._grad_scores: dict[str, Tensor] = {}
+
+    def observe_gradients(self) -> None:
+        """Keep |dL/dw| of every sparse weight, copied before clipping or the skip clear ``.grad``."""
+        self._grad_scores = {
+            n: w.grad.detach().abs() if w.grad is not None else torch.zeros_like(w)
+            for n, w in self._weights.items()
+        }
+
+    def grow_scores(self, name: str, weight: Tensor, mask: Tensor) -> Tensor:
+        """|dense gradient| from this step's backward pass (kept by :meth:`observe_gradients`)."""
+        if name not in self._grad_scores:
+            raise RuntimeError(f"RigL: no gradient of {name} observed; after_backward must run first")
+        return self._grad_scores[name]
+
+    def after_step(self, model: nn.Module, step: int, optimizers: list[OptimizerSlot]) -> dict[str, float]:
+        metrics = super().after_step(model, step, optimizers)
+        self._grad_scores = {}  # the gradient copies live from after_backward to here, on update steps only
+        return metrics
