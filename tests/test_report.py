@@ -71,10 +71,12 @@ def test_summary_table_numbers(tmp_path):
 
 def test_command_line_writes_markdown_csv_and_plots(tmp_path, capsys):
     write_sweep(tmp_path / "sweep")
-    main([str(tmp_path / "sweep"), "--baseline", "method=dense", "--out", str(tmp_path / "out")])
+    main([str(tmp_path / "sweep"), "--baseline", "method=dense", "--out", str(tmp_path / "out"), "--by", "dataset",
+          "method", "seed", "--vs", "seed"])
     out = capsys.readouterr().out
     assert "| dataset | method |" in out
-    for name in ("report.md", "report.csv", "report_accuracy_vs_params.png", "report_curves.png"):
+    for name in ("report.md", "report.csv", "report_accuracy_vs_params.png", "report_curves.png",
+                 "report_vs_seed.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 

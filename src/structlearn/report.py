@@ -156,14 +156,13 @@ def summarize(
     return pd.DataFrame(rows)
 
 
+_STAT_COLUMNS = ("n", "failed", "mean", "std", "effective_params", "params_ratio", "diff", "p_value")
+
+
 def to_markdown(table: pd.DataFrame, metric: str = "final.test_acc", percent: bool = True) -> str:
     """A Markdown table: groups, n, mean ± std, params, ratio, paired difference and p-value."""
     scale = 100.0 if percent else 1.0
-    keys = [
-        c
-        for c in table.columns
-        if c not in ("n", "failed", "mean", "std", "effective_params", "params_ratio", "diff", "p_value")
-    ]
+    keys = [c for c in table.columns if c not in _STAT_COLUMNS]
     head = [
         *keys,
         "n",
@@ -201,11 +200,7 @@ def plot_accuracy_vs_params(table: pd.DataFrame, path: Path, metric: str = "fina
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [
-        c
-        for c in table.columns
-        if c not in ("n", "failed", "mean", "std", "effective_params", "params_ratio", "diff", "p_value")
-    ]
+    keys = [c for c in table.columns if c not in _STAT_COLUMNS]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for _, r in table.iterrows():
         label = _label([r[k] for k in keys], keys)
@@ -222,6 +217,43 @@ def plot_accuracy_vs_params(table: pd.DataFrame, path: Path, metric: str = "fina
     ax.set_ylabel(f"{metric} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_vs(table: pd.DataFrame, x: str, path: Path, metric: str = "final.test_acc") -> Path:
+    """Mean metric (± std) against a numeric group key ``x``: one line per other group, a panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = x.removeprefix("override:")
+    keys = [c for c in table.columns if c not in _STAT_COLUMNS and c != x]
+    panels = sorted(table["dataset"].unique()) if "dataset" in keys else [None]
+    series_keys = [k for k in keys if k != "dataset"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        part = table if panel is None else table[table["dataset"] == panel]
+        for values, line in part.groupby(series_keys, sort=True) if series_keys else [((), part)]:
+            line = line.assign(_x=line[x].astype(float)).sort_values("_x")
+            label = _label(values if isinstance(values, tuple) else (values,), series_keys)
+            ax.errorbar(
+                line["_x"],
+                line["mean"] * 100,
+                yerr=line["std"].fillna(0) * 100,
+                marker="o",
+                capsize=2,
+                label=label,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(panel or "")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -270,6 +302,7 @@ def report(
     baseline: str | None = None,
     params_reference: str | None = None,
     name: str = "report",
+    vs: str | None = None,
 ) -> dict[str, Path]:
     """Write ``<name>.md``, ``<name>.csv`` and plots for the runs under ``root``; return their paths."""
     runs = load_runs(root)
@@ -282,6 +315,8 @@ def report(
     paths["md"].write_text(title + to_markdown(table, metric))
     table.to_csv(paths["csv"], index=False)
     paths["params_plot"] = plot_accuracy_vs_params(table, out / f"{name}_accuracy_vs_params.png", metric)
+    if vs:
+        paths["vs_plot"] = plot_vs(table, vs, out / f"{name}_vs_{vs.replace('.', '_')}.png", metric)
     header = {
         c
         for d in runs["run_dir"]
@@ -305,8 +340,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params-reference", help="key=value: group whose total params define the ratio")
     parser.add_argument("--out", help="output folder (default: the sweep directory)")
     parser.add_argument("--name", default="report", help="file name stem")
+    parser.add_argument("--vs", help="also plot the metric against this numeric group key (e.g. density)")
     args = parser.parse_args(argv)
-    paths = report(args.root, args.out, args.by, args.metric, args.baseline, args.params_reference, args.name)
+    paths = report(
+        args.root, args.out, args.by, args.metric, args.baseline, args.params_reference, args.name, args.vs
+    )
     print(paths["md"].read_text())
     for kind, path in paths.items():
         print(f"{kind}: {path}")
