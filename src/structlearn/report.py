@@ -183,7 +183,7 @@ def to_markdown(table: pd.DataFrame, metric: str = "final.test_acc", percent: bo
         cells = [
             *(str(r[k]) for k in keys),
             n,
-            f"{r['mean'] * scale:.1f}{std}",
+            fmt(r["mean"] * scale, ".1f") + std,
             fmt(r["effective_params"], ",.0f"),
             fmt(r["params_ratio"], ".2f") + ("×" if not math.isnan(r["params_ratio"]) else ""),
             fmt(r["diff"] * scale, "+.1f"),
@@ -194,29 +194,34 @@ def to_markdown(table: pd.DataFrame, metric: str = "final.test_acc", percent: bo
 
 
 def plot_accuracy_vs_params(table: pd.DataFrame, path: Path, metric: str = "final.test_acc") -> Path:
-    """Mean accuracy (± std) against mean effective parameters, one point per group."""
+    """Mean accuracy (± std) against mean effective parameters: a panel per dataset, a line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [c for c in table.columns if c not in _STAT_COLUMNS]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for _, r in table.iterrows():
-        label = _label([r[k] for k in keys], keys)
-        ax.errorbar(
-            r["effective_params"],
-            r["mean"] * 100,
-            yerr=(r["std"] * 100 if r["n"] > 1 else None),
-            fmt="o",
-            capsize=3,
-            label=label,
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("effective parameters (mean over seeds)")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    panels = sorted(table["dataset"].unique()) if "dataset" in keys else [None]
+    series = "method" if "method" in keys else next((k for k in keys if k != "dataset"), None)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        part = table if panel is None else table[table["dataset"] == panel]
+        for name, line in part.groupby(series, sort=True) if series else [("all", part)]:
+            line = line.sort_values("effective_params")
+            ax.errorbar(
+                line["effective_params"],
+                line["mean"] * 100,
+                yerr=line["std"].fillna(0) * 100,
+                marker="o",
+                capsize=3,
+                label=str(name),
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("effective parameters (mean over seeds)")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(panel or "")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
