@@ -100,3 +100,14 @@ def test_train_schedule_rejects_bad_values(kwargs, pattern):
 def test_train_schedule_accepts_good_values():
     s = _train_schedule(grad_clip=1.0, eval_every=2)
     assert s.epochs == 2 and s.grad_clip == 1.0
+
+
+def test_step_decay_drops_at_each_milestone():
+    s = LRSchedule(total_steps=100, decay="step", milestones=(0.3, 0.6, 0.9), gamma=0.2)
+    assert [s(t) for t in (0, 29, 30, 59, 60, 89, 90, 99)] == pytest.approx(
+        [1.0, 1.0, 0.2, 0.2, 0.04, 0.04, 0.008, 0.008]
+    )
+    with pytest.raises(ValueError, match=r"^milestones=\[0.6, 0.3\] is invalid"):
+        LRSchedule(total_steps=100, decay="step", milestones=(0.6, 0.3))
+    with pytest.raises(ValueError, match=r"^gamma=0 is invalid"):
+        LRSchedule(total_steps=100, decay="step", gamma=0)

@@ -254,6 +254,9 @@ def plot_vs(table: pd.DataFrame, x: str, path: Path, metric: str = "final.test_a
                 label=label,
             )
         ax.set_xscale("log")
+        ticks = sorted(part[x].astype(float).unique())
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel(x)
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(panel or "")

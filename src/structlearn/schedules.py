@@ -15,6 +15,7 @@ from typing import Any
 from structlearn.utils import check
 
 DECAYS = ("cosine", "linear", "constant")
+LR_DECAYS = (*DECAYS, "step")
 
 
 @dataclass(frozen=True)
@@ -25,15 +26,20 @@ class LRSchedule:
 
     Args:
         total_steps: optimiser steps in the run (supplied by the runner).
-        decay: ``cosine`` (half-cosine), ``linear`` or ``constant`` (stays at 1) after warm-up.
+        decay: ``cosine`` (half-cosine), ``linear`` or ``constant`` (stays at 1) after warm-up, or
+            ``step`` (multiplied by ``gamma`` at each milestone, as in the RigL CIFAR schedule).
         warmup_fraction: fraction of ``total_steps`` spent warming up linearly, in [0, 1).
         final_factor: multiplier at the last step for ``cosine`` and ``linear``, in [0, 1].
+        milestones: for ``step``, fractions of ``total_steps`` at which the lr drops, increasing in (0, 1).
+        gamma: for ``step``, the factor applied at each milestone, in (0, 1].
     """
 
     total_steps: int
     decay: str = "cosine"
     warmup_fraction: float = 0.0
     final_factor: float = 0.0
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
 
     def __post_init__(self) -> None:
         check(
@@ -42,7 +48,15 @@ class LRSchedule:
             self.total_steps,
             "must be an integer > 0",
         )
-        check(self.decay in DECAYS, "decay", self.decay, f"must be one of {DECAYS}")
+        check(self.decay in LR_DECAYS, "decay", self.decay, f"must be one of {LR_DECAYS}")
+        marks = list(self.milestones)
+        check(
+            all(0.0 < m < 1.0 for m in marks) and marks == sorted(marks),
+            "milestones",
+            marks,
+            "must be increasing fractions in (0, 1)",
+        )
+        check(0.0 < self.gamma <= 1.0, "gamma", self.gamma, "must be in (0, 1]")
         check(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", self.warmup_fraction, "must be in [0, 1)")
         check(0.0 <= self.final_factor <= 1.0, "final_factor", self.final_factor, "must be in [0, 1]")
 
@@ -52,6 +66,8 @@ class LRSchedule:
             return warmup(step, n_warm)
         if self.decay == "constant":
             return 1.0
+        if self.decay == "step":
+            return self.gamma ** sum(step >= round(m * self.total_steps) for m in self.milestones)
         span = self.total_steps - n_warm
         if self.decay == "linear":
             t = min(step - n_warm, span) / max(span, 1)

@@ -199,7 +199,13 @@ class Method:
         """Restore :meth:`state_dict`; called after :meth:`prepare` on a fresh model."""
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        """The constructor-like settings (scalars and short lists), not the state (masks, layers)."""
+
+        def setting(v: Any) -> bool:
+            plain = (int, float, str, bool, type(None))
+            return isinstance(v, plain) or (isinstance(v, list | tuple) and all(isinstance(x, plain) for x in v))
+
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and setting(v))
         return f"{type(self).__name__}({fields})"
 
 
