@@ -13,7 +13,7 @@ help:  ## list the targets
 
 $(STAMP): pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --frozen --extra dev --compile-bytecode
+	$(UV) sync --frozen --all-extras --compile-bytecode
 	@touch $@
 
 setup: $(STAMP)  ## create .venv with the locked dependencies

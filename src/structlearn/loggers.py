@@ -175,3 +175,113 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+class WandbSink:
+    """Weights & Biases: the run's rows, events and summary, grouped by sweep and named by overrides.
+
+    W&B is optional: the package is imported when the run starts, and any W&B error is logged
+    and switches the sink off, so training never stops for it (the local files are the record).
+    The run is always finished in :meth:`finish`, so the next job of a sweep in the same process
+    never inherits it.
+
+    Args:
+        project: W&B project.
+        entity: W&B entity (team or user), or None for the default.
+        mode: ``online``, ``offline`` or ``disabled``; None reads ``WANDB_MODE`` and falls back to
+            ``offline``, so nothing waits on the network unless asked to.
+        tags: tags for the run.
+        group: group name; None groups the jobs of a sweep by the sweep directory's name.
+        log_images: upload the PNG files the method wrote as media at the end.
+    """
+
+    def __init__(
+        self,
+        project: str = "structlearn",
+        entity: str | None = None,
+        mode: str | None = None,
+        tags: list[str] | tuple[str, ...] = (),
+        group: str | None = None,
+        log_images: bool = True,
+    ) -> None:
+        import os
+
+        mode = mode or os.environ.get("WANDB_MODE") or "offline"
+        check(mode in WANDB_MODES, "mode", mode, f"must be one of {WANDB_MODES}")
+        self.project, self.entity, self.mode = project, entity, mode
+        self.tags, self.group, self.log_images = list(tags), group, log_images
+        self._run: Any = None
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._run is None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # W&B's failure never stops training
+            log.warning(
+                "W&B %s failed (%s: %s); the sink is off for the rest of the run",
+                what,
+                type(exc).__name__,
+                exc,
+            )
+            self._run = None
+            return None
+
+    def start(self, info: RunInfo) -> None:
+        try:
+            import wandb
+
+            self._run = wandb.init(
+                project=self.project,
+                entity=self.entity,
+                mode=self.mode,
+                tags=self.tags,
+                group=self.group or info.group,
+                name=info.job_name or info.run_dir.name,
+                job_type="train",
+                dir=str(info.run_dir),
+                config=dict(info.config),
+                reinit="finish_previous",
+            )
+        except Exception as exc:
+            log.warning("W&B could not start (%s: %s); training goes on without it", type(exc).__name__, exc)
+            self._run = None
+
+    def progress(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._guard("log", lambda: self._run.log({f"train/{k}": v for k, v in metrics.items()}, step=step))
+
+    def log(self, row: Mapping[str, float], step: int) -> None:
+        self._guard("log", lambda: self._run.log(dict(row), step=step))
+
+    def event(self, event: Mapping[str, float], step: int) -> None:
+        self._guard("log", lambda: self._run.log({f"event/{k}": v for k, v in event.items()}, step=step))
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        if self._run is None:
+            return
+        run = self._run
+
+        def _close() -> None:
+            import wandb
+
+            flat = {k: v for k, v in summary.items() if isinstance(v, int | float | str | bool)}
+            for part in ("final", "best", "params", "before_finalize", "structure"):
+                flat.update({f"{part}/{k}": v for k, v in (summary.get(part) or {}).items()})
+            run.summary.update(flat)
+            if self.log_images:
+                images = [p for p in summary.get("artifacts", []) if str(p).endswith(".png")]
+                if images:
+                    run.log({Path(p).stem: wandb.Image(str(p)) for p in images})
+
+        try:
+            self._guard("summary", _close)
+        finally:
+            exit_code = 0 if summary.get("status") == "completed" else 1
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as exc:
+                log.warning("W&B finish failed (%s: %s)", type(exc).__name__, exc)
+            self._run = None

@@ -1,0 +1,103 @@
+"""W&B sink (offline, never the network), launcher and search configs, parallel and Optuna sweeps."""
+
+import json
+import subprocess
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from structlearn.run import CONF_DIR, execute
+
+from .conftest import PYTHON, TINY
+
+wandb = pytest.importorskip("wandb")
+
+
+def test_wandb_sink_records_offline_and_finishes_each_run(make_cfg, tmp_path):
+    for i in range(2):  # two jobs in one process: the second must get its own run
+        cfg = make_cfg(*TINY, "logger=wandb", "logger.wandb.mode=offline", f"seed={i}")
+        summary = execute(cfg, tmp_path / str(i))
+        assert summary["status"] == "completed"
+    runs = [sorted((tmp_path / str(i) / "wandb").glob("offline-run-*")) for i in range(2)]
+    assert all(len(r) == 1 for r in runs)
+    assert runs[0][0].name.rsplit("-", 1)[-1] != runs[1][0].name.rsplit("-", 1)[-1]  # distinct run ids
+    assert wandb.run is None  # finished, nothing left for the next job to inherit
+
+
+def test_wandb_failure_never_stops_training(make_cfg, tmp_path, monkeypatch):
+    def broken_init(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    summary = execute(make_cfg(*TINY, "logger=wandb", "logger.wandb.mode=online"), tmp_path)
+    assert summary["status"] == "completed"
+    assert (tmp_path / "metrics.csv").exists()
+
+
+def test_wandb_mode_is_validated(make_cfg, tmp_path):
+    from structlearn.utils import ConfigError
+
+    with pytest.raises(ConfigError, match=r"logger.wandb.mode='cloud' is invalid"):
+        execute(make_cfg(*TINY, "logger=wandb", "logger.wandb.mode=cloud"), tmp_path)
+
+
+def test_launcher_and_search_configs_compose():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        slurm = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        joblib = compose("config", overrides=["hydra/launcher=local_parallel"], return_hydra_config=True)
+        optuna = compose("config", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    launcher = slurm.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.max_num_timeout == 3 and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
+    assert joblib.hydra.launcher._target_.endswith("JoblibLauncher") and joblib.hydra.launcher.n_jobs == 2
+    assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert optuna.optimized_metric == "final.test_acc" and optuna.hydra.sweeper.storage.startswith("sqlite")
+
+
+@pytest.mark.slow
+def test_parallel_sweep_and_a_resumable_optuna_search(tmp_path):
+    common = ["schedule.epochs=1", "dataset.n_samples=200", "logger=none", "threads=1", "device=cpu"]
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "structlearn",
+            "-m",
+            "hydra/launcher=local_parallel",
+            "seed=0,1",
+            *common,
+            f"hydra.sweep.dir={tmp_path / 'joblib'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert all(
+        json.loads((tmp_path / "joblib" / str(i) / "summary.json").read_text())["status"] == "completed"
+        for i in (0, 1)
+    )
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    for n, sweep in ((2, "a"), (1, "b")):
+        proc = subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "structlearn",
+                "hparams_search=optuna",
+                f"hydra.sweeper.n_trials={n}",
+                f"hydra.sweeper.storage={storage}",
+                *common,
+                f"hydra.sweep.dir={tmp_path / sweep}",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+    optuna = pytest.importorskip("optuna")
+    study = optuna.load_study(study_name="structlearn", storage=storage)
+    assert len(study.trials) == 3  # the second search continued the first
+    assert 0 < study.best_value <= 1
