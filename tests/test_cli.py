@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from structlearn.report import report
+
 from .conftest import PYTHON, REPO
 
 FAST = ["schedule.epochs=2", "dataset.n_samples=200", "device=cpu"]
@@ -108,6 +110,31 @@ def test_a_failed_job_does_not_take_its_sweep_down(tmp_path):
     second = json.loads((sweep / "1" / "summary.json").read_text())
     assert first["status"] == "failed" and "method.density=1.5 is invalid" in first["error"]
     assert second["status"] == "completed"  # ...after running the others
+    report(sweep, name="report")  # the report lists the failure apart
+    text = (sweep / "report.md").read_text()
+    assert "1 job(s) did not complete" in text and "method.density=1.5" in text
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_a_small_grid(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        "seed=0,1",
+        *FAST,
+        "logger=none",
+        "threads=1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    assert [s["seed"] for s in summaries] == [0, 1] and all(s["status"] == "completed" for s in summaries)
+    assert (sweep / ".submitit").is_dir()
 
 
 @pytest.mark.slow
@@ -125,7 +152,11 @@ def test_experiment_grid_runs_from_its_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
     assert len(summaries) == 9
-    assert {s["method"] for s in summaries} == {"dense", "static", "gmp"}
+    assert {(s["method"], s["seed"]) for s in summaries} == {
+        (m, seed) for m in ("dense", "static", "gmp") for seed in (0, 1, 2)
+    }
+    overrides = (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
+    assert "method=dense" in overrides and "seed=0" in overrides
 
 
 def test_repo_root_is_where_the_conf_lives():

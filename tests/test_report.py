@@ -6,7 +6,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from structlearn.report import load_runs, main, summarize, to_markdown
+from structlearn.report import load_runs, main, problems, summarize, to_markdown
 
 ACC = {  # (dataset, method) -> accuracy per seed
     ("moons", "dense"): [0.90, 0.92, 0.94],
@@ -67,16 +67,37 @@ def test_summary_table_numbers(tmp_path):
     assert blobs["diff"] == pytest.approx((0.60 + 0.61 + 0.65 - 0.70 - 0.72 - 0.71) / 3)
     md = to_markdown(table.reset_index())
     assert "| moons | sparse | 3 (1 failed) | 94.0 ± 3.0 | 250 | 0.25× | +2.0 |" in md
+    listed = problems(runs)
+    assert "1 job(s) did not complete" in listed and "`failed` dataset=moons method=sparse seed=3" in listed
+    assert "boom" in listed
 
 
 def test_command_line_writes_markdown_csv_and_plots(tmp_path, capsys):
     write_sweep(tmp_path / "sweep")
-    main([str(tmp_path / "sweep"), "--baseline", "method=dense", "--out", str(tmp_path / "out"), "--by", "dataset",
-          "method", "seed", "--vs", "seed"])
+    main(
+        [
+            str(tmp_path / "sweep"),
+            "--baseline",
+            "method=dense",
+            "--out",
+            str(tmp_path / "out"),
+            "--by",
+            "dataset",
+            "method",
+            "seed",
+            "--vs",
+            "seed",
+        ]
+    )
     out = capsys.readouterr().out
     assert "| dataset | method |" in out
-    for name in ("report.md", "report.csv", "report_accuracy_vs_params.png", "report_curves.png",
-                 "report_vs_seed.png"):
+    for name in (
+        "report.md",
+        "report.csv",
+        "report_accuracy_vs_params.png",
+        "report_curves.png",
+        "report_vs_seed.png",
+    ):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 

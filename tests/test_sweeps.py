@@ -1,6 +1,7 @@
 """W&B sink (offline, never the network), launcher and search configs, parallel and Optuna sweeps."""
 
 import json
+import struct
 import subprocess
 
 import pytest
@@ -13,15 +14,59 @@ from .conftest import PYTHON, TINY
 wandb = pytest.importorskip("wandb")
 
 
-def test_wandb_sink_records_offline_and_finishes_each_run(make_cfg, tmp_path):
-    for i in range(2):  # two jobs in one process: the second must get its own run
-        cfg = make_cfg(*TINY, "logger=wandb", "logger.wandb.mode=offline", f"seed={i}")
-        summary = execute(cfg, tmp_path / str(i))
-        assert summary["status"] == "completed"
-    runs = [sorted((tmp_path / str(i) / "wandb").glob("offline-run-*")) for i in range(2)]
-    assert all(len(r) == 1 for r in runs)
-    assert runs[0][0].name.rsplit("-", 1)[-1] != runs[1][0].name.rsplit("-", 1)[-1]  # distinct run ids
-    assert wandb.run is None  # finished, nothing left for the next job to inherit
+def read_wandb_runs(path):
+    """The run records of an offline W&B file (a LevelDB-style log of protobuf records), without W&B's reader."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw, pos, block, chunks, runs = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):
+            pos += left
+            continue
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        chunks = data if kind in (1, 2) else chunks + data
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(chunks)
+            if record.WhichOneof("record_type") == "run":
+                runs.append(record.run)
+    return runs
+
+
+def test_wandb_offline_one_run_per_job_grouped_by_sweep_and_named_by_overrides(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "structlearn",
+            "-m",
+            "seed=0,1",
+            "logger=wandb",
+            "logger.wandb.mode=offline",
+            "schedule.epochs=1",
+            "dataset.n_samples=200",
+            "device=cpu",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # both jobs in one process
+    assert proc.returncode == 0, proc.stderr
+    records = []
+    for job in (0, 1):
+        files = sorted((sweep / str(job) / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) == 1, files  # exactly one W&B run per job
+        (run,) = read_wandb_runs(files[0])
+        records.append(run)
+    assert records[0].run_id != records[1].run_id
+    assert {r.run_group for r in records} == {sweep.name}  # grouped by the sweep directory
+    assert "seed=0" in records[0].display_name and "seed=1" in records[1].display_name
+    assert all(r.project == "structlearn" for r in records)
 
 
 def test_wandb_failure_never_stops_training(make_cfg, tmp_path, monkeypatch):

@@ -193,6 +193,19 @@ def to_markdown(table: pd.DataFrame, metric: str = "final.test_acc", percent: bo
     return "\n".join(lines) + "\n"
 
 
+def problems(runs: pd.DataFrame) -> str:
+    """The failed and diverged jobs, listed apart with their overrides and error, as Markdown."""
+    bad = runs[runs["status"] != "completed"]
+    if bad.empty:
+        return ""
+    overrides = [c for c in runs.columns if c.startswith("override:")]
+    lines = ["", f"**{len(bad)} job(s) did not complete:**", ""]
+    for _, r in bad.iterrows():
+        spec = " ".join(f"{c.removeprefix('override:')}={r[c]}" for c in overrides if isinstance(r[c], str))
+        lines.append(f"- `{r['status']}` {spec} ({r['run_dir']}): {r.get('error', '')}")
+    return "\n".join(lines) + "\n"
+
+
 def plot_accuracy_vs_params(table: pd.DataFrame, path: Path, metric: str = "final.test_acc") -> Path:
     """Mean accuracy (± std) against mean effective parameters: a panel per dataset, a line per method."""
     import matplotlib
@@ -320,7 +333,7 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / f"{name}.md", "csv": out / f"{name}.csv"}
     title = f"{len(runs)} runs from `{root}`; {metric}; baseline: {baseline or 'none'}\n\n"
-    paths["md"].write_text(title + to_markdown(table, metric))
+    paths["md"].write_text(title + to_markdown(table, metric) + problems(runs))
     table.to_csv(paths["csv"], index=False)
     paths["params_plot"] = plot_accuracy_vs_params(table, out / f"{name}_accuracy_vs_params.png", metric)
     if vs:
