@@ -203,9 +203,13 @@ class Method:
 
         def setting(v: Any) -> bool:
             plain = (int, float, str, bool, type(None))
-            return isinstance(v, plain) or (isinstance(v, list | tuple) and all(isinstance(x, plain) for x in v))
+            return isinstance(v, plain) or (
+                isinstance(v, list | tuple) and all(isinstance(x, plain) for x in v)
+            )
 
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and setting(v))
+        fields = ", ".join(
+            f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and setting(v)
+        )
         return f"{type(self).__name__}({fields})"
 
 
