@@ -1,0 +1,1 @@
+"""Analyses of learned structure: pure functions of weights and activations."""
