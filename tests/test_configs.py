@@ -110,7 +110,7 @@ def test_experiment_files_compose(make_cfg):
             ["schedule.optimizer.lr=-0.1"],
             "schedule.optimizer.lr=-0.1 is invalid: must be a finite number >= 0",
         ),
-        (["schedule.lr_schedule.decay=step"], "schedule.lr_schedule.decay='step' is invalid"),
+        (["schedule.lr_schedule.decay=exponential"], "schedule.lr_schedule.decay='exponential' is invalid"),
         (["device=gpu"], "device='gpu' is invalid: must be one of"),
         (["precision=fp8"], "precision='fp8' is invalid"),
         (["dataset.noise=-1"], "dataset.noise=-1 is invalid: must be >= 0"),
