@@ -1,8 +1,8 @@
 """Benchmark: the device-side CIFAR pipeline against torchvision's DataLoader, in augmented images per second.
 
 Both sides read the same synthetic CIFAR-10 folder, which this script writes in the real
-``cifar-10-batches-py`` format (pickled dicts of uint8 rows, as ``tests/conftest.py`` writes it, but
-with random pixels) into a temporary directory, and produce one shuffled, augmented, normalised
+``cifar-10-batches-py`` format (``structlearn.data.cifar.write_cifar10_folder``, random pixels) into a
+temporary directory, and produce one shuffled, augmented, normalised
 epoch of batches on the training device:
 
 * **device pipeline**: :class:`structlearn.data.cifar.CIFAR10` moved to the device once (uint8),
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import pickle
 import platform
 import statistics
 import tempfile
@@ -44,11 +43,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from structlearn.data.cifar import CIFAR10, _torchvision_cifar
+from structlearn.data.cifar import CIFAR10, _torchvision_cifar, write_cifar10_folder
 from structlearn.methods.base import Dense, Plan
 from structlearn.models.plastic import PlasticResNet
 from structlearn.models.resnet50 import ResNet50
@@ -58,32 +56,6 @@ from structlearn.utils import git_sha, resolve_device
 
 SEED = 0
 NOISY = 1.5  # slowest / fastest repetition above which a row is flagged noisy
-
-
-def write_synthetic_cifar(root: Path, n_train: int, n_test: int, seed: int = SEED) -> Path:
-    """Write random images in the real ``cifar-10-batches-py`` format (5 training batches, 1 test batch)."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def batch(n: int, name: str) -> None:
-        entry = {  # rows: 1024 red, 1024 green, 1024 blue values per image, as in the real files
-            "batch_label": name,
-            "labels": rng.integers(0, 10, size=n).tolist(),
-            "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-            "filenames": [f"{name}_{i}.png" for i in range(n)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f)
-
-    per_batch = -(-n_train // 5)
-    for i in range(1, 6):
-        batch(per_batch, f"data_batch_{i}")
-    batch(n_test, "test_batch")
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch}, f)
-    return root
 
 
 def sync(device: torch.device) -> None:
@@ -223,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         f"structlearn {git_sha() or 'unknown commit'}"
     )
     with tempfile.TemporaryDirectory(prefix="bench_cifar_") as tmp:
-        root = write_synthetic_cifar(Path(tmp), args.images, n_test=100)
+        root = write_cifar10_folder(Path(tmp), args.images, n_test=100)
         data = CIFAR10(root=str(root), augment="crop_flip", padding=4).to(device)
         print(
             f"{len(data.x_train)} synthetic training images (random pixels), batch {args.batch_size}, "

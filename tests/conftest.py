@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from structlearn.data.cifar import write_cifar10_folder
 from structlearn.run import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,41 +45,14 @@ def make_cfg() -> Callable[..., DictConfig]:
     return _make
 
 
-def write_cifar_folder(root: Path, n_train: int = 50, n_test: int = 20, seed: int = 0) -> Path:
-    """Write a tiny CIFAR-10 in the real ``cifar-10-batches-py`` format (pickled dicts, uint8 rows).
-
-    Each image is a constant colour chosen by its label, so tests can check decoding exactly.
-    """
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def batch(n: int, name: str) -> None:
-        labels = rng.integers(0, 10, size=n)
-        # Row layout of the real files: 1024 red, then 1024 green, then 1024 blue values per image.
-        data = np.zeros((n, 3072), dtype=np.uint8)
-        for c in range(3):
-            data[:, c * 1024 : (c + 1) * 1024] = (labels[:, None] * 20 + c * 5).astype(np.uint8)
-        # The real files were pickled by Python 2; read with encoding="latin1" their keys are str.
-        entry = {
-            "batch_label": name,
-            "labels": labels.tolist(),
-            "data": data,
-            "filenames": [f"{name}_{i}.png" for i in range(n)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f)
-
-    per_batch = -(-n_train // 5)
-    for i in range(1, 6):
-        batch(per_batch, f"data_batch_{i}")
-    batch(n_test, "test_batch")
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch}, f)
-    return root
+def label_colours(labels: np.ndarray) -> np.ndarray:
+    """Each image a constant colour given by its label (label * 20 + channel * 5), so decoding is checkable."""
+    rows = np.zeros((len(labels), 3072), dtype=np.uint8)
+    for c in range(3):
+        rows[:, c * 1024 : (c + 1) * 1024] = (labels[:, None] * 20 + c * 5).astype(np.uint8)
+    return rows
 
 
 @pytest.fixture
 def cifar_root(tmp_path: Path) -> Path:
-    return write_cifar_folder(tmp_path / "cifar")
+    return write_cifar10_folder(tmp_path / "cifar", n_train=50, n_test=20, pixels=label_colours)

@@ -10,9 +10,12 @@ converted in the same kernel that turns uint8 into float32.
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -169,3 +172,55 @@ def random_crop(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
     batch = torch.arange(b, device=x.device).view(b, 1, 1)
     out = padded.permute(0, 2, 3, 1)[batch, rows.view(b, h, 1), cols.view(b, 1, w)]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2)
+
+
+LABEL_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def write_cifar10_folder(
+    root: str | Path,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    pixels: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Path:
+    """Write a CIFAR-10 folder in the real ``cifar-10-batches-py`` format: 5 training batches, 1 test batch.
+
+    For tests and benchmarks on machines without the dataset. Each batch is a pickled dict with
+    ``data`` (N x 3072 uint8 rows: 1024 red, then 1024 green, then 1024 blue values), ``labels``,
+    ``batch_label`` and ``filenames``; the real files were pickled by Python 2 and read with
+    ``encoding="latin1"``, which gives these str keys.
+
+    Args:
+        root: the folder to create ``cifar-10-batches-py`` in.
+        n_train: training images (split over the 5 batches, rounded up to a multiple of 5).
+        n_test: test images.
+        seed: seed of the labels and of random pixels.
+        pixels: labels (N,) -> uint8 rows (N, 3072); uniform random pixels by default.
+
+    Returns:
+        ``root``.
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / BASE_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(n: int, name: str) -> None:
+        labels = rng.integers(0, 10, size=n)
+        data = pixels(labels) if pixels else rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        entry = {
+            "batch_label": name,
+            "labels": labels.tolist(),
+            "data": data.astype(np.uint8),
+            "filenames": [f"{name}_{i}.png" for i in range(n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+
+    per_batch = -(-n_train // 5)
+    for i in range(1, 6):
+        batch(per_batch, f"data_batch_{i}")
+    batch(n_test, "test_batch")
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(LABEL_NAMES), "num_cases_per_batch": per_batch}, f)
+    return Path(root)
