@@ -156,6 +156,16 @@ def summarize(
     return pd.DataFrame(rows)
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (imported when a plot is made)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 _STAT_COLUMNS = ("n", "failed", "mean", "std", "effective_params", "params_ratio", "diff", "p_value")
 
 
@@ -208,10 +218,7 @@ def problems(runs: pd.DataFrame) -> str:
 
 def plot_accuracy_vs_params(table: pd.DataFrame, path: Path, metric: str = "final.test_acc") -> Path:
     """Mean accuracy (± std) against mean effective parameters: a panel per dataset, a line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     keys = [c for c in table.columns if c not in _STAT_COLUMNS]
     panels = sorted(table["dataset"].unique()) if "dataset" in keys else [None]
@@ -243,10 +250,7 @@ def plot_accuracy_vs_params(table: pd.DataFrame, path: Path, metric: str = "fina
 
 def plot_vs(table: pd.DataFrame, x: str, path: Path, metric: str = "final.test_acc") -> Path:
     """Mean metric (± std) against a numeric group key ``x``: one line per other group, a panel per dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     x = x.removeprefix("override:")
     keys = [c for c in table.columns if c not in _STAT_COLUMNS and c != x]
@@ -283,10 +287,7 @@ def plot_vs(table: pd.DataFrame, x: str, path: Path, metric: str = "final.test_a
 
 def plot_curves(runs: pd.DataFrame, by: Sequence[str], path: Path, columns: Sequence[str]) -> Path:
     """Mean learning curves per group from each run's metrics.csv (one panel per column)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, len(columns), figsize=(5.0 * len(columns), 3.8), squeeze=False)
     done = runs[runs["status"] == "completed"]
