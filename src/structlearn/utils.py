@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -172,27 +173,16 @@ def git_sha(cwd: str | Path | None = None) -> str | None:
     return f"{sha}-dirty" if dirty else sha
 
 
+@functools.cache
 def package_versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour changes results."""
+    """Versions of the packages whose behaviour changes results (read from metadata, nothing imported)."""
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
-    import hydra
-    import omegaconf
-
-    import structlearn
-
-    versions = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "hydra": hydra.__version__,
-        "omegaconf": omegaconf.__version__,
-        "numpy": np.__version__,
-        "structlearn": structlearn.__version__,
-    }
-    try:
-        import torchvision
-
-        versions["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a dependency, but only CIFAR needs it
-        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}  # with its CUDA tag
+    for name in ("torchvision", "hydra-core", "omegaconf", "numpy", "scikit-learn", "structlearn"):
+        try:
+            versions[name.removesuffix("-core")] = version(name)
+        except PackageNotFoundError:
+            continue
     return versions
