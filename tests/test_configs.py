@@ -131,3 +131,8 @@ def test_cuda_without_cuda_is_an_error_not_a_fallback(make_cfg, tmp_path):
         execute(make_cfg("device=cuda", "logger=none"), tmp_path)
     with pytest.raises(ConfigError, match=r"device='cuda:1' is invalid"):
         execute(make_cfg("device=cuda:1", "logger=none"), tmp_path)
+
+
+def test_missing_cifar_files_are_a_config_error_naming_the_fix(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"^dataset: CIFAR-10 files not found: .*dataset.download=true"):
+        execute(make_cfg("dataset=cifar10", f"dataset.root={tmp_path / 'none'}", "logger=none"), tmp_path)

@@ -109,12 +109,20 @@ def app(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = execute(cfg, run_dir)
-    except ConfigError as exc:
-        RunRecord(run_dir).write_summary({"status": "failed", "error": str(exc), "seed": cfg.get("seed")})
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        print(f"structlearn: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as exc:
+        record = RunRecord(run_dir)
+        if not record.summary_path.exists():  # failed before training: the runner wrote nothing
+            record.write_summary(
+                {
+                    "status": "failed",
+                    "error": f"{exc}" if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}",
+                    "seed": cfg.get("seed"),
+                }
+            )
+        if isinstance(exc, ConfigError) and HydraConfig.get().mode != RunMode.MULTIRUN:
+            print(f"structlearn: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        raise
     if summary["status"] == "diverged":
         log.error("run diverged: %s (metrics so far kept in %s)", summary.get("error"), run_dir)
     log.info("outputs: %s", run_dir)

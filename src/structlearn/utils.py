@@ -58,7 +58,8 @@ def build(node: DictConfig | Mapping[str, Any], key: str, **runtime: Any) -> Any
         path = where.group(1) if where else key
         if isinstance(cause, ConfigError):
             raise cause from None
-        if isinstance(cause, ValueError | TypeError):  # TypeError: an unknown or missing argument
+        # TypeError: an unknown or missing argument; FileNotFoundError: data that is not where the config says
+        if isinstance(cause, ValueError | TypeError | FileNotFoundError):
             message = str(cause)
             if _INVALID.match(message):  # "name=value is invalid: ..." -> "path.name=value ..."
                 raise ConfigError(f"{path}.{message}") from cause
