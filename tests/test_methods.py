@@ -188,3 +188,10 @@ def test_masks_are_saved_as_an_artifact(tmp_path):
     saved = torch.load(tmp_path / "masks.pt", weights_only=True)
     assert set(saved) == {"net.1.weight", "net.3.weight", "net.5.weight"}
     assert str(tmp_path / "masks.pt") in summary["artifacts"]
+
+
+def test_gmp_prunes_even_when_begin_rounds_to_the_last_step(tmp_path):
+    method = GMP(density=0.5, begin=0.99, end=1.0, update_every=1)
+    run(method, tmp_path, epochs=1)  # 7 steps: begin rounds to step 7, clamped to 6
+    counts = expected_counts(method, None)
+    assert all(int(m.sum()) == counts[n] for n, m in method.masks.items())

@@ -286,3 +286,41 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
         precision="bf16",
     )
     assert summary["status"] == "completed" and summary["precision"] == "bf16"
+
+
+def test_objective_is_nan_unless_the_run_completed():
+    from structlearn.run import objective
+
+    assert objective({"status": "completed", "final": {"test_acc": 0.9}}, "final.test_acc") == 0.9
+    assert math.isnan(objective({"status": "diverged", "final": {"test_acc": 0.9}}, "final.test_acc"))
+    assert objective({"status": "completed"}, None) is None
+
+
+def test_diverged_summary_still_counts_parameters(tmp_path):
+    data, sched = _setup(epochs=3)
+    summary = train(
+        data=data,
+        model=MLP(input_shape=(2,), num_classes=2, hidden=[16]),
+        method=NaNAfter(step=10),
+        schedule=sched,
+        run_dir=tmp_path,
+        seed=0,
+        device=torch.device("cpu"),
+    )
+    assert summary["status"] == "diverged" and summary["params"]["total"] == 2 * 16 + 16 + 16 * 2 + 2
+
+
+def test_a_method_that_does_not_fit_the_model_is_a_config_error(tmp_path):
+    from structlearn.utils import ConfigError
+
+    data, sched = _setup(epochs=1)
+    with pytest.raises(ConfigError, match=r"^method: Static: the model has no Linear or Conv2d weight left"):
+        train(
+            data=data,
+            model=MLP(input_shape=(2,), num_classes=2),
+            method=Static(dense_layers=["*"]),
+            schedule=sched,
+            run_dir=tmp_path,
+            seed=0,
+            device=torch.device("cpu"),
+        )

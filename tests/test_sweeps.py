@@ -146,3 +146,21 @@ def test_parallel_sweep_and_a_resumable_optuna_search(tmp_path):
     study = optuna.load_study(study_name="structlearn", storage=storage)
     assert len(study.trials) == 3  # the second search continued the first
     assert 0 < study.best_value <= 1
+
+
+def test_wandb_run_is_finished_even_after_a_logging_error(tmp_path):
+    from structlearn.loggers import RunInfo, WandbSink
+
+    sink = WandbSink(mode="offline")
+    sink.start(RunInfo(run_dir=tmp_path, names={}, config={}))
+    run = sink._to_finish
+    assert run is not None
+
+    def broken_log(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    run.log = broken_log
+    sink.log({"epoch": 1, "test_acc": 0.5}, step=1)  # switches the sink off...
+    assert sink._run is None
+    sink.finish({"status": "completed"})  # ...but the run is still finished
+    assert wandb.run is None

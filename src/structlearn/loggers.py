@@ -213,7 +213,8 @@ class WandbSink:
         check(mode in WANDB_MODES, "mode", mode, f"must be one of {WANDB_MODES}")
         self.project, self.entity, self.mode = project, entity, mode
         self.tags, self.group, self.log_images = list(tags), group, log_images
-        self._run: Any = None
+        self._run: Any = None  # None once W&B failed: no more logging
+        self._to_finish: Any = None  # the run to finish, even after a failure
 
     def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if self._run is None:
@@ -246,6 +247,7 @@ class WandbSink:
                 config=dict(info.config),
                 reinit="finish_previous",
             )
+            self._to_finish = self._run
         except Exception as exc:
             log.warning("W&B could not start (%s: %s); training goes on without it", type(exc).__name__, exc)
             self._run = None
@@ -260,9 +262,9 @@ class WandbSink:
         self._guard("log", lambda: self._run.log({f"event/{k}": v for k, v in event.items()}, step=step))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        if self._run is None:
+        run, self._to_finish = self._to_finish, None
+        if run is None:
             return
-        run = self._run
 
         def _close() -> None:
             import wandb

@@ -95,10 +95,12 @@ def objective(summary: dict[str, Any], path: str | None) -> float | None:
     """The value a sweeper optimises: ``path`` (e.g. ``final.test_acc``) looked up in the summary."""
     if not path:
         return None
+    if summary.get("status") != "completed":
+        return float("nan")  # a diverged run's last metrics are not a result; Optuna counts NaN as failed
     value: Any = summary
     for key in str(path).split("."):
         if not isinstance(value, dict) or key not in value:
-            return float("nan")  # a diverged run has no final metrics; Optuna records it as failed
+            return float("nan")
         value = value[key]
     return float(value)
 

@@ -23,7 +23,7 @@ from structlearn.data.base import InMemoryDataset
 from structlearn.loggers import RunInfo, RunRecord, Sink, log
 from structlearn.methods.base import Method, OptimizerSlot, Plan
 from structlearn.schedules import TrainSchedule
-from structlearn.utils import clip_grad_norm
+from structlearn.utils import ConfigError, clip_grad_norm
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 METRIC_KEYS = ("test_acc", "test_loss", "train_loss", "train_acc")
@@ -222,7 +222,10 @@ def train(
         data = data.to(device)
         steps_per_epoch = data.steps_per_epoch(schedule.batch_size)
         plan = Plan(epochs=schedule.epochs, steps_per_epoch=steps_per_epoch, seed=seed, device=device)
-        model = method.prepare(model.to(device), plan)
+        try:
+            model = method.prepare(model.to(device), plan)
+        except ValueError as exc:  # the method's settings do not fit this model: a config error
+            raise ConfigError(f"method: {exc}") from exc
         slots = method.configure_optimizers(model, schedule, plan)
         _check_slots(model, slots)
         info = RunInfo(
@@ -293,19 +296,15 @@ def train(
                 "train_loss": train_eval["loss"],
                 "train_acc": train_eval["acc"],
             }
-        count = method.count_parameters(model)
-        summary["params"] = {
-            "total": count.total,
-            "effective": count.effective,
-            "density": count.density,
-            "rule": count.rule,
-        }
+        summary["params"] = method.count_parameters(model).as_dict()
         summary["structure"] = method.structure_metrics(model)
         summary["artifacts"] = [str(p) for p in method.write_artifacts(model, Path(run_dir))]
         summary["status"] = "completed"
     except Diverged as exc:
         summary["status"] = "diverged"
         summary["error"] = str(exc)
+        with contextlib.suppress(Exception):  # the parameter counts of the network as it stopped
+            summary["params"] = method.count_parameters(model).as_dict()
     except BaseException as exc:
         summary["status"] = "failed"
         summary["error"] = f"{type(exc).__name__}: {exc}"

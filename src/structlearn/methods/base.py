@@ -89,6 +89,10 @@ class ParamCount:
     def density(self) -> float:
         return self.effective / self.total if self.total else 0.0
 
+    def as_dict(self) -> dict[str, Any]:
+        """The ``params`` entry of ``summary.json``."""
+        return {"total": self.total, "effective": self.effective, "density": self.density, "rule": self.rule}
+
 
 COUNT_RULE = (
     "weights and biases of every layer (BatchNorm included) count; an entry is effective when it is "

@@ -174,8 +174,9 @@ class GMP(MaskedMethod):
         self._counts: dict[str, int] = {}
 
     def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
-        self._begin_step = round(self.begin * plan.total_steps)
-        self._end_step = max(self._begin_step + 1, round(self.end * plan.total_steps))
+        last = plan.total_steps
+        self._begin_step = min(round(self.begin * last), last - 1)  # at least one pruning step remains
+        self._end_step = min(max(self._begin_step + 1, round(self.end * last)), last)
         return super().prepare(model, plan)
 
     def initial_masks(self, weights: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:

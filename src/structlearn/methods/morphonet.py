@@ -290,8 +290,9 @@ class MorphoNet(Method):
 
     def on_epoch_start(self, model: nn.Module, epoch: int, step: int) -> None:
         temperature = self.temperature_at(epoch)
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
             layer.temperature.fill_(temperature)
+            self._prev_signs[name] = layer.hard_mask().clone()  # sign flips are counted per epoch
 
     def extra_loss(
         self, model: nn.Module, output: Tensor | Mapping[str, Any], step: int
@@ -327,7 +328,6 @@ class MorphoNet(Method):
             flipped += int((hard != self._prev_signs[name]).sum())
             active += int(hard.sum())
             total += hard.numel()
-            self._prev_signs[name] = hard.clone()
         metrics["density/masked_layers"] = active / total
         metrics["mask/sign_flips"] = flipped / total
         metrics["temperature"] = float(next(iter(self.layers.values())).temperature)
