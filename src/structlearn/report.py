@@ -216,28 +216,38 @@ def problems(runs: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy_vs_params(table: pd.DataFrame, path: Path, metric: str = "final.test_acc") -> Path:
-    """Mean accuracy (± std) against mean effective parameters: a panel per dataset, a line per method."""
+def _plot_panels(
+    table: pd.DataFrame,
+    x: str,
+    series_keys: Sequence[str],
+    path: Path,
+    metric: str,
+    xlabel: str,
+    value_ticks: bool,
+) -> Path:
+    """Mean metric (± std) against column ``x`` on a log axis: a panel per dataset, a line per series."""
     plt = _pyplot()
-
-    keys = [c for c in table.columns if c not in _STAT_COLUMNS]
-    panels = sorted(table["dataset"].unique()) if "dataset" in keys else [None]
-    series = "method" if "method" in keys else next((k for k in keys if k != "dataset"), None)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    panels = sorted(table["dataset"].unique()) if "dataset" in table.columns else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.0), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         part = table if panel is None else table[table["dataset"] == panel]
-        for name, line in part.groupby(series, sort=True) if series else [("all", part)]:
-            line = line.sort_values("effective_params")
+        for values, line in part.groupby(list(series_keys), sort=True) if series_keys else [((), part)]:
+            line = line.assign(_x=line[x].astype(float)).sort_values("_x")
+            label = _label(values if isinstance(values, tuple) else (values,), series_keys)
             ax.errorbar(
-                line["effective_params"],
+                line["_x"],
                 line["mean"] * 100,
                 yerr=line["std"].fillna(0) * 100,
                 marker="o",
                 capsize=3,
-                label=str(name),
+                label=label,
             )
         ax.set_xscale("log")
-        ax.set_xlabel("effective parameters (mean over seeds)")
+        if value_ticks:
+            ticks = sorted(part[x].astype(float).unique())
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(panel or "")
         ax.grid(alpha=0.3)
@@ -248,41 +258,26 @@ def plot_accuracy_vs_params(table: pd.DataFrame, path: Path, metric: str = "fina
     return path
 
 
+def plot_accuracy_vs_params(table: pd.DataFrame, path: Path, metric: str = "final.test_acc") -> Path:
+    """Mean accuracy (± std) against mean effective parameters: a panel per dataset, a line per method."""
+    keys = [c for c in table.columns if c not in _STAT_COLUMNS and c != "dataset"]
+    series = ["method"] if "method" in keys else keys[:1]
+    return _plot_panels(
+        table,
+        "effective_params",
+        series,
+        path,
+        metric,
+        "effective parameters (mean over seeds)",
+        value_ticks=False,
+    )
+
+
 def plot_vs(table: pd.DataFrame, x: str, path: Path, metric: str = "final.test_acc") -> Path:
     """Mean metric (± std) against a numeric group key ``x``: one line per other group, a panel per dataset."""
-    plt = _pyplot()
-
     x = x.removeprefix("override:")
-    keys = [c for c in table.columns if c not in _STAT_COLUMNS and c != x]
-    panels = sorted(table["dataset"].unique()) if "dataset" in keys else [None]
-    series_keys = [k for k in keys if k != "dataset"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
-        part = table if panel is None else table[table["dataset"] == panel]
-        for values, line in part.groupby(series_keys, sort=True) if series_keys else [((), part)]:
-            line = line.assign(_x=line[x].astype(float)).sort_values("_x")
-            label = _label(values if isinstance(values, tuple) else (values,), series_keys)
-            ax.errorbar(
-                line["_x"],
-                line["mean"] * 100,
-                yerr=line["std"].fillna(0) * 100,
-                marker="o",
-                capsize=2,
-                label=label,
-            )
-        ax.set_xscale("log")
-        ticks = sorted(part[x].astype(float).unique())
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel(x)
-        ax.set_ylabel(f"{metric} (%)")
-        ax.set_title(panel or "")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    series = [c for c in table.columns if c not in _STAT_COLUMNS and c not in (x, "dataset")]
+    return _plot_panels(table, x, series, path, metric, x, value_ticks=True)
 
 
 def plot_curves(runs: pd.DataFrame, by: Sequence[str], path: Path, columns: Sequence[str]) -> Path:
