@@ -9,6 +9,7 @@ same rows; only the runner calls them, methods return dicts.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from structlearn.utils import atomic_write_json, check
+from structlearn.utils import atomic_write_json, atomic_write_text, check
 
 log = logging.getLogger("structlearn")
 
@@ -42,6 +43,7 @@ class RunInfo:
     total_steps: int = 0
     group: str | None = None
     job_name: str | None = None
+    initial_step: int = 0
 
 
 class Sink(Protocol):
@@ -89,6 +91,7 @@ class ConsoleSink:
 
             self._tqdm = tqdm(
                 total=info.total_steps,
+                initial=info.initial_step,
                 desc="train",
                 unit="step",
                 file=sys.stderr,
@@ -142,7 +145,43 @@ class RunRecord:
         self.events_path = self.run_dir / "events.jsonl"
         self.summary_path = self.run_dir / "summary.json"
         self.rows: list[dict[str, float]] = []
+        self.num_events = 0
         self._header: list[str] = []
+
+    def restore(self, rows: list[Mapping[str, float]], num_events: int) -> None:
+        """Continue a resumed run: exactly its first ``rows`` and ``num_events`` events, nothing after.
+
+        Rows and events written after the checkpoint (and a line half-written by a kill) are
+        dropped; the run writes them again as it repeats that work.
+        """
+        self.rows, self._header = [], []
+        for row in rows:
+            for key in row:
+                if key not in self._header:
+                    self._header.append(key)
+            self.rows.append(dict(row))
+        if self.rows:
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=self._header)
+            writer.writeheader()
+            writer.writerows(self.rows)
+            atomic_write_text(self.metrics_path, text.getvalue())
+        else:
+            self.metrics_path.unlink(missing_ok=True)
+        kept = []
+        if self.events_path.exists():
+            with self.events_path.open() as f:
+                kept = [line for line, _ in zip(f, range(num_events), strict=False)]
+        if len(kept) < num_events or (kept and not kept[-1].endswith("\n")):
+            raise ValueError(
+                f"{self.events_path} has fewer complete lines ({len(kept)}) than the checkpoint recorded "
+                f"({num_events})"
+            )
+        if kept:
+            atomic_write_text(self.events_path, "".join(kept))
+        else:
+            self.events_path.unlink(missing_ok=True)
+        self.num_events = num_events
 
     def add_row(self, row: Mapping[str, float]) -> None:
         row = dict(row)
@@ -161,6 +200,7 @@ class RunRecord:
     def add_event(self, event: Mapping[str, float], step: int) -> None:
         with self.events_path.open("a") as f:
             f.write(json.dumps({"step": step, **event}) + "\n")
+        self.num_events += 1
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.summary_path, _finite(summary))

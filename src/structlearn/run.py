@@ -7,21 +7,33 @@ sees a ``DictConfig``.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from structlearn import checkpoint as ckpt
 from structlearn.loggers import RunRecord
 from structlearn.runner import PRECISIONS, train
-from structlearn.utils import ConfigError, build, git_sha, package_versions, resolve_device, seed_everything
+from structlearn.utils import (
+    ConfigError,
+    build,
+    check_output_dir,
+    git_sha,
+    package_versions,
+    resolve_device,
+    seed_everything,
+)
 
 log = logging.getLogger("structlearn")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -31,6 +43,9 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 # resolver cache into each job's config, so the jobs of one sweep agree on it.
 if not OmegaConf.has_resolver("unique_id"):
     OmegaConf.register_new_resolver("unique_id", lambda: secrets.token_hex(4), use_cache=True)
+# hydra.run.dir: the run being resumed (resume=<dir>) continues in its own directory.
+if not OmegaConf.has_resolver("resume_or"):
+    OmegaConf.register_new_resolver("resume_or", lambda resume, new: str(resume) if resume else new)
 
 
 def _scalars(cfg: DictConfig) -> tuple[int, torch.device, str]:
@@ -57,9 +72,63 @@ def _names(cfg: DictConfig) -> dict[str, str]:
     }
 
 
+def code_version() -> dict[str, Any]:
+    """What a checkpoint must have been written by to be resumed: the commit and the packages."""
+    versions = package_versions()
+    return {"git_sha": git_sha(), "structlearn": versions.get("structlearn"), "torch": versions["torch"]}
+
+
+def _resume_point(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint this run continues from: ``resume=<run dir>``, or its own (a requeued job).
+
+    Returns None for a fresh run. Raises :class:`ConfigError` for a missing checkpoint or one
+    written by another config or code version (the message lists the differences).
+    """
+    explicit = cfg.get("resume")
+    if explicit:
+        if not Path(explicit).is_dir():
+            raise ConfigError(f"resume={explicit!r} is invalid: there is no run directory there")
+        if Path(explicit).resolve() != run_dir.resolve():
+            raise ConfigError(
+                f"resume={explicit!r} is invalid: a run continues in its own directory, but this job "
+                f"writes to {run_dir} (resume applies to single runs; a sweep job resumes by itself "
+                "when it is started again in the same sweep directory)"
+            )
+        path = ckpt.find(run_dir)
+        if path is None:
+            log.warning(
+                "%s has no %s (the run stopped before its first checkpoint): it starts again from the "
+                "beginning",
+                run_dir,
+                ckpt.CHECKPOINT_NAME,
+            )
+            return None
+    else:
+        path = ckpt.find(run_dir)
+        if path is None:
+            return None
+        log.info("found %s: resuming this run", path)
+    try:
+        state = ckpt.load(path)
+        ckpt.check_compatible(state, config, code_version(), path)
+    except ckpt.CheckpointMismatch as exc:
+        raise ConfigError(str(exc)) from exc
+    return state
+
+
 def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Build everything from ``cfg`` and train; the whole run, without Hydra's process handling."""
+    """Build everything from ``cfg`` and train; the whole run, without Hydra's process handling.
+
+    A run directory that holds a checkpoint is continued from it (``resume=<dir>`` or a requeued
+    job); one whose summary says it completed is not trained again.
+    """
     seed, device, precision = _scalars(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    resume = _resume_point(cfg, run_dir, config)
+    done = _finished_summary(run_dir) if resume is not None or cfg.get("resume") else None
+    if done is not None:
+        log.info("%s already %s; nothing to do", run_dir, done["status"])
+        return done
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
     seed_everything(seed)
     data = build(cfg.dataset, "dataset")
@@ -67,6 +136,9 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     method = build(cfg.method, "method")
     schedule = build(cfg.schedule, "schedule")
     sinks = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    checkpointing = None
+    if cfg.get("checkpoint"):  # checkpoint=null: no checkpoints
+        checkpointing = replace(build(cfg.checkpoint, "checkpoint"), config=config, code=code_version())
     group = job_name = None
     if HydraConfig.initialized():
         hc = HydraConfig.get()
@@ -84,11 +156,23 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         precision=precision,
         sinks=sinks,
         names=_names(cfg),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=config,
         provenance={"git_sha": git_sha(), "versions": package_versions()},
         group=group,
         job_name=job_name,
+        checkpointing=checkpointing,
+        resume=resume,
     )
+
+
+def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that ended (completed or diverged), or None."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("status") in ("completed", "diverged") else None
 
 
 def objective(summary: dict[str, Any], path: str | None) -> float | None:
@@ -131,8 +215,54 @@ def app(cfg: DictConfig) -> float | None:
     return objective(summary, cfg.get("optimized_metric"))
 
 
+def _override_key(override: str) -> str:
+    """``+schedule.epochs=3`` -> ``schedule.epochs``; ``method=rigl`` -> ``method``."""
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def with_saved_overrides(argv: list[str]) -> list[str]:
+    """``structlearn resume=<dir>``: put the run's own overrides first, so it composes the same config.
+
+    The overrides come from ``<dir>/.hydra/overrides.yaml``; those the command line sets again are
+    left out (the command line wins, and the checkpoint check refuses values that differ from the
+    run's). Arguments of a multirun are left as they are.
+    """
+    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not resume or not resume[-1] or {"-m", "--multirun"} & set(argv):
+        return argv
+    saved = Path(resume[-1]) / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return argv  # execute() says there is nothing to resume
+    given = {_override_key(a) for a in argv if not a.startswith("-")}
+    kept = [o for o in OmegaConf.load(saved) if _override_key(o) not in given | {"resume"}]
+    return [*kept, *argv]
+
+
+class OutputDirCheck(Callback):
+    """A Hydra callback: stop with one line, before any work, when the output directory is unusable.
+
+    Hydra would otherwise fail on its own ``mkdir`` with a traceback, or the run would fail at its
+    first write. Registered in ``conf/config.yaml`` under ``hydra.callbacks``.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(path: str) -> None:
+        try:
+            check_output_dir(path)
+        except ConfigError as exc:
+            print(f"structlearn: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+
 def main() -> None:
     """Console-script entry point."""
+    sys.argv[1:] = with_saved_overrides(sys.argv[1:])
     app()
 
 

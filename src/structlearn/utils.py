@@ -134,11 +134,22 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def _file_mode() -> int:
+    """0o666 less the process umask: what ``open`` would give a new file (mkstemp gives 0o600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -147,6 +158,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output_dir(path: str | Path) -> None:
+    """Fail at the start, not after an hour, when an output directory cannot be created or written.
+
+    Raises:
+        ConfigError: naming the directory, the reason and the setting that chooses another.
+    """
+    path = Path(path)
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"structlearn")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"output directory {path} is not writable ({exc.strerror or exc}); "
+            "choose another with hydra.run.dir=... (or hydra.sweep.dir=... for a multirun)"
+        ) from exc
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -180,7 +210,7 @@ def package_versions() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__}  # with its CUDA tag
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__)}  # with its CUDA tag
     for name in ("torchvision", "hydra-core", "omegaconf", "numpy", "scikit-learn", "structlearn"):
         try:
             versions[name.removesuffix("-core")] = version(name)

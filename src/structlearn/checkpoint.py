@@ -1,0 +1,210 @@
+"""Checkpoints: the whole state of a run in one file, written atomically, loaded with ``weights_only``.
+
+A checkpoint holds everything the runner needs to continue a run exactly where it stopped: the
+model, every optimiser (with its parameter-group layout, which methods like PlasticNet change
+while training), the method's own state, the random number generators (torch, CUDA, NumPy,
+Python, the data-order generator as it was at the start of the epoch), the position in the data
+(epoch and batches done), the epoch's running sums, and the rows and events recorded so far. The
+learning-rate and method schedules are pure functions of the step, so the step is their position.
+
+It also records what it was made by (the resolved config and the code version), so that a
+checkpoint from another config or another commit is refused with a message that says what differs.
+
+Files are replaced atomically (write to a temporary file in the same directory, flush, fsync,
+rename), so a kill at any moment leaves either the previous checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from structlearn.utils import FILE_MODE
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+# Config keys that may differ between a checkpoint and the run that resumes it: they change where
+# and how the run is recorded or scheduled, never what it computes.
+RESUMABLE_DIFFERENCES = ("resume", "logger", "threads", "checkpoint", "analysis")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not belong to this run (another config, code version or format)."""
+
+
+def save(path: str | Path, state: Mapping[str, Any]) -> None:
+    """Write ``state`` with ``torch.save`` so that ``path`` is always a whole checkpoint.
+
+    The temporary file is fsynced before the rename and the directory after it, so neither a kill
+    nor a power cut can leave a truncated checkpoint under ``path``.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` (tensors and plain containers, no code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a file that is not a checkpoint, or one from an unsafe writer
+        raise CheckpointMismatch(f"{path} is not a readable structlearn checkpoint: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointMismatch(
+            f"{path} has checkpoint format {found!r}; this version of structlearn reads {FORMAT_VERSION}"
+        )
+    return state
+
+
+def find(run_dir: str | Path) -> Path | None:
+    """The checkpoint of ``run_dir`` if it has one."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    return path if path.is_file() else None
+
+
+# -- random number generators ---------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """The global generators of torch (CPU and every CUDA device), NumPy and Python."""
+    keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)[1:]
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": _plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore :func:`rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    np_state = state["numpy"]
+    keys = np_state["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples as lists, recursively: the containers ``weights_only`` loading accepts everywhere."""
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# -- what made the checkpoint ---------------------------------------------------------------------
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    if not isinstance(tree, Mapping) or (prefix and not tree):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_differences(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    ignore: Iterable[str] = RESUMABLE_DIFFERENCES,
+    only: Iterable[str] | None = None,
+) -> list[str]:
+    """The config values that differ between a checkpoint and the current run, one line each.
+
+    Args:
+        saved: the resolved config stored in the checkpoint.
+        current: the resolved config of the run that wants to resume it.
+        ignore: top-level keys (and their subtrees) allowed to differ.
+        only: if given, compare only these dotted keys and their subtrees (e.g. the keys the user
+            set on the command line).
+    """
+    ignore = tuple(ignore)
+    a, b = flatten(saved), flatten(current)
+
+    def wanted(key: str) -> bool:
+        if key.split(".", 1)[0] in ignore:
+            return False
+        return only is None or any(key == k or key.startswith(f"{k}.") for k in only)
+
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if not wanted(key):
+            continue
+        if key not in a:
+            lines.append(f"{key}: not in the checkpoint's config, now {b[key]!r}")
+        elif key not in b:
+            lines.append(f"{key}: {a[key]!r} in the checkpoint's config, not set now")
+        elif a[key] != b[key]:
+            lines.append(f"{key}: {a[key]!r} in the checkpoint, now {b[key]!r}")
+    return lines
+
+
+def check_compatible(
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    code: Mapping[str, Any],
+    path: str | Path,
+    only: Iterable[str] | None = None,
+) -> None:
+    """Refuse a checkpoint made by another config or code version, saying what differs.
+
+    Args:
+        state: the loaded checkpoint.
+        config: the resolved config of the run that wants to resume.
+        code: ``{"git_sha": ..., "structlearn": ..., "torch": ...}`` of the running code.
+        path: the checkpoint's path, for the message.
+        only: compare only these config keys (see :func:`config_differences`).
+    """
+    lines = config_differences(state.get("config") or {}, config, only=only)
+    saved_code = state.get("code") or {}
+    for key, now in code.items():
+        then = saved_code.get(key)
+        if then != now:
+            lines.append(f"code {key}: {then!r} in the checkpoint, now {now!r}")
+    if lines:
+        listing = "\n  ".join(lines)
+        raise CheckpointMismatch(
+            f"refusing to resume from {path}: it was written by another config or code version:\n"
+            f"  {listing}\n"
+            "Resume with the run's own config and code (check out its git_sha), or start a new run."
+        )

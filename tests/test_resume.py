@@ -1,0 +1,513 @@
+"""Runs that survive: a run killed with SIGKILL anywhere and resumed ends exactly like an uninterrupted one.
+
+Each killed run is a forked child of the test process (so it starts in milliseconds, with every
+module already imported) that sends itself SIGKILL at a chosen point: after a random training
+step, in the middle of writing a checkpoint, or in the middle of writing a metrics row. The
+parent then resumes the run in the same directory and compares it with a reference run of the
+same config: the whole ``metrics.csv`` (every column but the wall-clock ``time_s``), ``events.jsonl``,
+the summary's metrics and the final weights must be identical.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import time
+from collections import namedtuple
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import structlearn.checkpoint as ckpt
+import structlearn.loggers
+import structlearn.run
+import structlearn.runner
+from structlearn.data import moons
+from structlearn.methods import Method
+from structlearn.models import MLP
+from structlearn.run import execute, with_saved_overrides
+from structlearn.runner import Checkpointing, OutOfMemory, train
+from structlearn.schedules import LRSchedule, TrainSchedule
+from structlearn.utils import ConfigError
+
+from .conftest import PYTHON, TOY_SIZES
+from .test_cli import cli
+
+CLI_RUN = ["logger=none", "device=cpu", "threads=1", "dataset.n_samples=200", "schedule.epochs=3"]
+shutil_usage = namedtuple("usage", "total used free")
+
+# Tiny runs with a checkpoint after every epoch, so kills land before, between and after them.
+BASE = ["logger=none", "device=cpu", "checkpoint.every=1", "schedule.epochs=4"]
+RUNS = {
+    "dense": ["method=dense", "dataset=moons", *TOY_SIZES["moons"], "schedule.batch_size=32"],
+    "morphonet": ["method=morphonet", "dataset=moons", *TOY_SIZES["moons"], "schedule.batch_size=32"],
+    "rigl": ["method=rigl", "dataset=moons", *TOY_SIZES["moons"], "method.update_every=3"],
+    "urn": ["method=urn", "dataset=spheres", *TOY_SIZES["spheres"], "model.size=40"],
+    "plasticnet": [
+        "method=plasticnet",
+        "dataset=moons",
+        *TOY_SIZES["moons"],
+        "model.stem_width=4",
+        "model.widths=[8,8,16,16]",
+        "schedule.batch_size=32",
+        "method.rewire_every=2",
+    ],
+}
+SUMMARY_KEYS = ("status", "epochs_completed", "final", "best", "params", "structure", "before_finalize")
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _step_then(n: int, action: Callable[[], None]) -> Callable:
+    """The loop's step, doing ``action`` right after its n-th call."""
+    real, calls = structlearn.runner.train_step, [0]
+
+    def step(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == n:
+            action()
+        return out
+
+    return step
+
+
+def _after_steps(n: int) -> None:
+    """Die right after the n-th step (only ever called in a forked child)."""
+    structlearn.runner.train_step = _step_then(n, _kill_self)
+
+
+def _during_checkpoint(n: int) -> None:
+    """Die half-way through writing the n-th checkpoint (half its bytes are on disk)."""
+    real, calls = torch.save, [0]
+
+    def save(obj, f, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] < n:
+            return real(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        _kill_self()
+
+    ckpt.torch.save = save  # the module object is torch itself: only this child sees the patch
+
+
+def _during_row(n: int) -> None:
+    """Die half-way through appending the n-th metrics row (a torn last line)."""
+    real, calls = structlearn.loggers.RunRecord.add_row, [0]
+
+    def add_row(self, row):
+        calls[0] += 1
+        if calls[0] < n:
+            return real(self, row)
+        line = ",".join(str(row.get(k, "")) for k in self._header)
+        with self.metrics_path.open("a") as f:
+            f.write(line[: len(line) // 2])
+        _kill_self()
+
+    structlearn.loggers.RunRecord.add_row = add_row
+
+
+KILLS = {"step": _after_steps, "checkpoint": _during_checkpoint, "row": _during_row}
+
+
+def _killed_run(cfg, run_dir: Path, kind: str, n: int, resume: bool = False) -> None:
+    """Run ``cfg`` in a forked child that SIGKILLs itself at the chosen point; wait for it to die."""
+    pid = os.fork()
+    if pid == 0:  # the child: arm the kill, run, and never return into pytest
+        try:
+            KILLS[kind](n)
+            execute(cfg, run_dir)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
+        f"the child was meant to die by SIGKILL at {kind} {n} but exited with status {status}"
+    )
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(f)]
+
+
+def _record(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    events = (run_dir / "events.jsonl").read_text() if (run_dir / "events.jsonl").exists() else ""
+    return {
+        "summary": {k: summary.get(k) for k in SUMMARY_KEYS},
+        "metrics": _metrics(run_dir),
+        "events": events,
+        "header": (run_dir / "metrics.csv").read_text().splitlines()[0],
+    }
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load(run_dir / ckpt.CHECKPOINT_NAME)["model"]
+
+
+def _assert_same_run(resumed: Path, reference: Path) -> None:
+    got, want = _record(resumed), _record(reference)
+    assert got["summary"]["status"] == "completed"
+    assert got["header"] == want["header"]
+    assert got["metrics"] == want["metrics"]
+    assert got["events"] == want["events"]
+    assert got["summary"] == want["summary"]
+    a, b = _weights(resumed), _weights(reference)
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[str, Path]:
+    return {}
+
+
+def _reference(make_cfg, references: dict[str, Path], tmp_path_factory, name: str) -> Path:
+    if name not in references:
+        run_dir = tmp_path_factory.mktemp(f"reference-{name}")
+        summary = execute(make_cfg(*BASE, *RUNS[name]), run_dir)
+        assert summary["status"] == "completed", summary.get("error")
+        references[name] = run_dir
+    return references[name]
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(
+    make_cfg, tmp_path, references, tmp_path_factory, name
+):
+    reference = _reference(make_cfg, references, tmp_path_factory, name)
+    cfg = make_cfg(*BASE, *RUNS[name])
+    total_steps = int(_metrics(reference)[-1]["step"])
+    rng = random.Random(f"kill points {name}")
+    kills = [
+        ("step", rng.randrange(1, total_steps)),  # anywhere in training, mid-epoch or not
+        ("checkpoint", rng.randrange(2, 5)),  # in the middle of writing a checkpoint (not the first)
+        ("row", rng.randrange(2, 5)),  # in the middle of a metrics row
+    ]
+    for i, (kind, n) in enumerate(kills):
+        run_dir = tmp_path / f"{kind}{i}"
+        _killed_run(cfg, run_dir, kind, n)
+        assert (run_dir / "summary.json").exists() is False or json.loads(
+            (run_dir / "summary.json").read_text()
+        )["status"] != "completed"
+        summary = execute(make_cfg(*BASE, *RUNS[name], f"resume={run_dir}"), run_dir)
+        assert summary["status"] == "completed", summary.get("error")
+        _assert_same_run(run_dir, reference)
+
+
+def test_killed_twice_and_resumed_twice(make_cfg, tmp_path, references, tmp_path_factory):
+    reference = _reference(make_cfg, references, tmp_path_factory, "rigl")
+    cfg = make_cfg(*BASE, *RUNS["rigl"])
+    _killed_run(cfg, tmp_path, "step", 5)
+    _killed_run(cfg, tmp_path, "step", 7)  # the second process resumes (its own checkpoint) and dies too
+    summary = execute(cfg, tmp_path)  # no resume=: a run directory with a checkpoint continues
+    assert summary["status"] == "completed"
+    _assert_same_run(tmp_path, reference)
+
+
+def test_a_kill_during_the_first_checkpoint_leaves_nothing_to_resume(make_cfg, tmp_path):
+    cfg = make_cfg(*BASE, *RUNS["dense"])
+    _killed_run(cfg, tmp_path, "checkpoint", 1)
+    assert ckpt.find(tmp_path) is None  # the half-written file never took the checkpoint's name
+    assert not list(tmp_path.glob(f"*{ckpt.CHECKPOINT_NAME}"))
+
+
+# -- preemption signals ---------------------------------------------------------------------------
+
+
+def test_sigterm_checkpoints_mid_epoch_exits_143_and_resumes_exactly(
+    make_cfg, tmp_path, references, tmp_path_factory
+):
+    reference = _reference(make_cfg, references, tmp_path_factory, "morphonet")
+    cfg = make_cfg(*BASE, *RUNS["morphonet"], "checkpoint.every=0")  # no epoch checkpoints: only the signal's
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            # in the middle of epoch 2
+            structlearn.runner.train_step = _step_then(9, lambda: os.kill(os.getpid(), signal.SIGTERM))
+            execute(cfg, tmp_path)
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 128 + signal.SIGTERM
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["interrupted"] == "SIGTERM"
+    assert f"resume={tmp_path}" in summary["error"]
+    state = ckpt.load(tmp_path / ckpt.CHECKPOINT_NAME)
+    assert state["position"] == {"epoch": 1, "batch": 4, "step": 9}  # 5 steps per epoch
+    assert (
+        execute(make_cfg(*BASE, *RUNS["morphonet"], f"resume={tmp_path}"), tmp_path)["status"] == "completed"
+    )
+    _assert_same_run(tmp_path, reference)
+
+
+def test_a_bypassed_signal_checkpoints_and_training_goes_on(
+    make_cfg, tmp_path, references, tmp_path_factory, monkeypatch
+):
+    """submitit bypasses SIGTERM (it waits for its own signal): the run checkpoints and goes on."""
+    reference = _reference(make_cfg, references, tmp_path_factory, "dense")
+    seen = []
+    monkeypatch.setattr(
+        structlearn.runner, "train_step", _step_then(9, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    )
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        summary = execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every=0"), tmp_path)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert seen == [signal.SIGUSR1]  # the handler installed before the run got the signal, once
+    assert summary["status"] == "completed" and "interrupted" not in summary
+    _assert_same_run(tmp_path, reference)
+
+
+# -- refusing checkpoints that are not this run's --------------------------------------------------
+
+
+def test_a_checkpoint_from_another_config_is_refused_naming_the_difference(make_cfg, tmp_path):
+    assert execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every=1"), tmp_path)["status"] == "completed"
+    (tmp_path / "summary.json").unlink()  # as if it had been killed after its last checkpoint
+    with pytest.raises(ConfigError) as err:
+        execute(make_cfg(*BASE, *RUNS["dense"], "schedule.epochs=5", f"resume={tmp_path}"), tmp_path)
+    assert "refusing to resume" in str(err.value) and "schedule.epochs: 4 in the checkpoint, now 5" in str(
+        err.value
+    )
+    # keys that only change how the run is recorded may differ
+    summary = execute(
+        make_cfg(*BASE, *RUNS["dense"], "logger=console", "threads=1", f"resume={tmp_path}"), tmp_path
+    )
+    assert summary["status"] == "completed"
+
+
+def test_a_checkpoint_from_another_code_version_is_refused(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg(*BASE, *RUNS["dense"])
+    execute(cfg, tmp_path)
+    (tmp_path / "summary.json").unlink()
+    real = structlearn.run.code_version
+    monkeypatch.setattr(structlearn.run, "code_version", lambda: {**real(), "git_sha": "0123abc"})
+    with pytest.raises(ConfigError, match=r"code git_sha: .* in the checkpoint, now '0123abc'"):
+        execute(cfg, tmp_path)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(make_cfg, tmp_path):
+    (tmp_path / ckpt.CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="is not a readable structlearn checkpoint"):
+        execute(make_cfg(*BASE, *RUNS["dense"]), tmp_path)
+
+
+def test_resume_needs_an_existing_run_directory(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="there is no run directory there"):
+        execute(make_cfg(*BASE, f"resume={tmp_path / 'nope'}"), tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ConfigError, match="a run continues in its own directory"):
+        execute(make_cfg(*BASE, f"resume={other}"), tmp_path)
+
+
+def test_a_completed_run_is_not_trained_again(make_cfg, tmp_path):
+    cfg = make_cfg(*BASE, *RUNS["dense"])
+    first = execute(cfg, tmp_path)
+    before = (tmp_path / "metrics.csv").read_text()
+    again = execute(cfg, tmp_path)  # e.g. a sweep started again in the same sweep directory
+    assert again == json.loads((tmp_path / "summary.json").read_text())
+    assert again["final"] == first["final"] and (tmp_path / "metrics.csv").read_text() == before
+
+
+# -- guards ---------------------------------------------------------------------------------------
+
+
+class _NaNGradAt(Method):
+    """Poison one gradient after the backward of ``step`` (the loss of that step stays finite)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def after_backward(self, model, step):
+        if step == self.step:
+            next(model.parameters()).grad[0, 0] = math.inf
+
+
+def _toy(epochs: int = 4):
+    data = moons(n_samples=200, seed=0)
+    schedule = TrainSchedule(
+        epochs=epochs,
+        batch_size=32,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        lr_schedule=functools.partial(LRSchedule),
+    )
+    return data, schedule, MLP(input_shape=(2,), num_classes=2, hidden=[8])
+
+
+def test_a_non_finite_gradient_marks_the_run_diverged_and_keeps_metrics_and_checkpoint(tmp_path):
+    data, schedule, model = _toy()
+    summary = train(
+        data=data,
+        model=model,
+        method=_NaNGradAt(step=2 * 5 + 4),  # the last step of epoch 3 (5 steps per epoch)
+        schedule=schedule,
+        run_dir=tmp_path,
+        seed=0,
+        device=torch.device("cpu"),
+        checkpointing=Checkpointing(every=1),
+    )
+    assert summary["status"] == "diverged"
+    assert "non-finite gradient at step 15 (epoch 3)" in summary["error"]  # checked every step here
+    assert "last checkpoint are kept" in summary["error"]
+    with open(tmp_path / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
+    assert ckpt.load(tmp_path / ckpt.CHECKPOINT_NAME)["position"]["epoch"] == 2
+
+
+def test_a_diverged_run_ends_the_cli_with_a_clear_line(tmp_path):
+    proc = cli(*CLI_RUN, "schedule.optimizer.lr=1e30", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "run diverged: non-finite" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_out_of_memory_names_the_batch_size_and_the_model(tmp_path):
+    class Hungry(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    data, schedule, _ = _toy()
+    with pytest.raises(OutOfMemory) as err:
+        train(
+            data=data,
+            model=Hungry(),
+            method=Method(),
+            schedule=schedule,
+            run_dir=tmp_path,
+            seed=0,
+            device=torch.device("cpu"),
+            names={"model": "hungry"},
+        )
+    message = str(err.value)
+    assert "schedule.batch_size=32" in message and "model hungry (6 parameters)" in message
+    assert "step 1 (epoch 1)" in message and "Tried to allocate 20.00 GiB" in message
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "schedule.batch_size=32" in summary["error"]
+
+
+def test_an_unwritable_output_directory_fails_at_start_with_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for args in (
+        ["hydra.run.dir=" + str(blocker / "run")],
+        ["-m", "hydra.sweep.dir=" + str(blocker / "sweep")],
+    ):
+        proc = cli(*args, *CLI_RUN, cwd=tmp_path)
+        assert proc.returncode == 2
+        assert (
+            proc.stderr.strip().splitlines()[-1].startswith(f"structlearn: error: output directory {blocker}")
+        )
+        assert "Traceback" not in proc.stderr
+
+
+def test_a_full_disk_fails_at_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        structlearn.runner.shutil,
+        "disk_usage",
+        lambda path: shutil_usage(total=2**30, used=2**30 - 2**20, free=2**20),
+    )
+    data, schedule, model = _toy()
+    with pytest.raises(ConfigError, match=r"has 1 MiB free; this run needs about \d+ MiB"):
+        train(
+            data=data,
+            model=model,
+            method=Method(),
+            schedule=schedule,
+            run_dir=tmp_path,
+            seed=0,
+            device=torch.device("cpu"),
+            checkpointing=Checkpointing(every=1),
+        )
+    assert not (tmp_path / "metrics.csv").exists()  # nothing was trained
+
+
+def test_checkpoint_every_is_validated(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"checkpoint.every=-1 is invalid: must be an integer >= 0"):
+        execute(make_cfg(*BASE, "checkpoint.every=-1"), tmp_path)
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_resume_from_the_command_line_needs_only_the_run_directory(make_cfg, tmp_path):
+    """Started with overrides, stopped by SIGTERM, resumed with `resume=<dir>` alone: same rows."""
+    run_dir, reference = tmp_path / "run", tmp_path / "reference"
+    long_run = [
+        *CLI_RUN,
+        "dataset.n_samples=1000",
+        "schedule.batch_size=8",
+        "schedule.epochs=15",
+        "checkpoint.every=0",
+    ]
+    assert execute(make_cfg(*long_run), reference)["status"] == "completed"
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "structlearn", *long_run, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _wait_for_rows(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert json.loads((run_dir / "summary.json").read_text())["interrupted"] == "SIGTERM"
+    resumed = cli(f"resume={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at epoch" in resumed.stdout + resumed.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert _metrics(run_dir) == _metrics(reference)
+    different = cli(f"resume={run_dir}", "schedule.epochs=50", cwd=tmp_path)
+    assert different.returncode == 2 and "schedule.epochs: 15 in the checkpoint, now 50" in different.stderr
+
+
+def _wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it was interrupted: {proc.stdout.read()}")
+        path = run_dir / "metrics.csv"
+        if path.exists() and len(path.read_text().splitlines()) > n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} metrics rows in {run_dir} after {timeout} s")
+
+
+def test_with_saved_overrides_puts_the_runs_own_overrides_first(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(
+        "- method=rigl\n- schedule.epochs=3\n- +foo=1\n- resume=x\n"
+    )
+    argv = [f"resume={tmp_path}", "schedule.epochs=5"]
+    assert with_saved_overrides(argv) == ["method=rigl", "+foo=1", *argv]
+    assert with_saved_overrides(["-m", f"resume={tmp_path}"]) == ["-m", f"resume={tmp_path}"]
+    assert with_saved_overrides(["method=set"]) == ["method=set"]
