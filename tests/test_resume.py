@@ -511,3 +511,71 @@ def test_with_saved_overrides_puts_the_runs_own_overrides_first(tmp_path):
     assert with_saved_overrides(argv) == ["method=rigl", "+foo=1", *argv]
     assert with_saved_overrides(["-m", f"resume={tmp_path}"]) == ["-m", f"resume={tmp_path}"]
     assert with_saved_overrides(["method=set"]) == ["method=set"]
+
+
+def _submitit_worker(sweep: Path, timeout: float = 60) -> int:
+    """The pid of the process submitit's local executor runs the job in."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if "submitit.core._submit" in cmdline and any(str(sweep) in part for part in cmdline):
+                return int(proc.name)
+        time.sleep(0.1)
+    raise AssertionError("no submitit worker process found")
+
+
+def test_submitit_preemption_checkpoints_requeues_and_resumes(make_cfg, tmp_path):
+    """As on a cluster: SIGTERM (bypassed by submitit), then the preemption signal (SIGUSR1 here).
+
+    The job writes a checkpoint at each, submitit's handler requeues it through its checkpoint
+    protocol, the local executor starts it again, and the new process resumes from the checkpoint
+    in the same job directory and ends with the rows of an uninterrupted run.
+    """
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep, reference = tmp_path / "sweep", tmp_path / "reference"
+    run = [
+        *CLI_RUN,
+        "dataset.n_samples=1000",
+        "schedule.batch_size=8",
+        "schedule.epochs=15",
+        "checkpoint.every=0",
+    ]
+    assert execute(make_cfg(*run), reference)["status"] == "completed"
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "structlearn",
+            "-m",
+            "hydra/launcher=submitit_local",
+            f"hydra.sweep.dir={sweep}",
+            *run,
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "WANDB_MODE": "disabled", "SUBMITIT_PREEMPT_SIGNAL": "USR1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    job = sweep / "0"
+    _wait_for_rows(job, 2, proc)
+    worker = _submitit_worker(sweep)
+    os.kill(worker, signal.SIGTERM)  # submitit bypasses it: a checkpoint, and training goes on
+    _wait_for_rows(job, 4, proc)
+    assert ckpt.load(job / ckpt.CHECKPOINT_NAME)["position"]["epoch"] >= 2
+    os.kill(worker, signal.SIGUSR1)  # preemption: checkpoint, requeue, exit
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "Bypassing signal SIGTERM" in logs
+    assert "Caught signal SIGUSR1" in logs and "Requeued job" in logs
+    job_log = (job / "structlearn.log").read_text()
+    assert job_log.count("checkpoint written; handing the signal on") == 2
+    assert "resuming this run" in job_log and "resumed at epoch" in job_log
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 15
+    assert _metrics(job) == _metrics(reference)
