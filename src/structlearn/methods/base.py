@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from structlearn.analysis.graph import SignedGraph, model_graph
 from structlearn.schedules import TrainSchedule
 
 
@@ -186,6 +187,17 @@ class Method:
     def count_parameters(self, model: nn.Module) -> ParamCount:
         """Total and effective parameters of the network used for evaluation (see :data:`COUNT_RULE`)."""
         return count_parameters(model.named_parameters())
+
+    def graph(self, model: nn.Module) -> SignedGraph | None:
+        """The graph of the active connections of the network used for evaluation.
+
+        The default is the layered graph of the model's Linear and Conv2d layers, an edge for every
+        non-zero weight (:func:`~structlearn.analysis.graph.model_graph`); None, without an error,
+        when those layers do not form a chain (no such layer, a residual or branching forward, a
+        conv map flattened into a Linear). Methods whose active connections are not the non-zero
+        weights (masks, gates) override it.
+        """
+        return model_graph(model)
 
     def write_artifacts(self, model: nn.Module, run_dir: Path) -> list[Path]:
         """Write what the method knows about the learned structure into ``run_dir`` (files, plots).

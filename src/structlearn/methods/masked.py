@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from structlearn.analysis.graph import SignedGraph, model_graph
 from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, count_parameters
 from structlearn.schedules import cubic_density
 from structlearn.sparse.masks import (
@@ -89,6 +90,16 @@ class MaskedMethod(Method):
 
     def count_parameters(self, model: nn.Module) -> ParamCount:
         return count_parameters(model.named_parameters(), masks=self.masks)
+
+    def graph(self, model: nn.Module) -> SignedGraph | None:
+        """The layered graph through the masks: an edge where a weight is masked in and non-zero.
+
+        A connection masked in at exactly zero (grown at zero, not yet updated) is not an edge
+        (:func:`~structlearn.analysis.graph.layered_graph`); layers kept dense count every
+        non-zero weight. None when the model's layers do not form a chain.
+        """
+        active = {name.removesuffix("weight").removesuffix("."): mask for name, mask in self.masks.items()}
+        return model_graph(model, active)
 
     def write_artifacts(self, model: nn.Module, run_dir: Path) -> list[Path]:
         path = run_dir / "masks.pt"

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from structlearn.analysis.graph import SignedGraph, model_graph
 from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, count_parameters, default_slot
 from structlearn.schedules import TrainSchedule, cosine
 from structlearn.sparse.masks import prunable_weights
@@ -344,6 +345,14 @@ class MorphoNet(Method):
     def count_parameters(self, model: nn.Module) -> ParamCount:
         masks = {f"{name}.weight": layer.hard_mask() for name, layer in self.layers.items()}
         return count_parameters(model.named_parameters(), masks=masks, skip=lambda n: n.endswith(".logits"))
+
+    def graph(self, model: nn.Module) -> SignedGraph | None:
+        """The layered graph through the hard masks L > 0, weighted by W (the pruned network).
+
+        An edge where the hard mask is on and W is non-zero; the dense head counts every non-zero
+        weight. None when the model's layers do not form a chain.
+        """
+        return model_graph(model, {name: layer.hard_mask() for name, layer in self.layers.items()})
 
     def write_artifacts(self, model: nn.Module, run_dir: Path) -> list[Path]:
         path = run_dir / "masks.pt"

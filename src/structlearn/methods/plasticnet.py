@@ -54,9 +54,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from structlearn.analysis.graph import HIDDEN, INPUT, OUTPUT, SignedGraph
 from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, count_parameters, default_slot
 from structlearn.models.plastic import PlasticResNet
 from structlearn.schedules import TrainSchedule
@@ -213,6 +215,38 @@ class PlasticNet(Method):
     def count_parameters(self, model: nn.Module) -> ParamCount:
         # Gates are method-internal (COUNT_RULE); untrained paths still compute, so they count.
         return count_parameters(model.named_parameters(), skip=lambda name: name.endswith(".gate"))
+
+    def graph(self, model: nn.Module) -> SignedGraph:
+        """The path graph: an edge ``src -> dst`` per path, weighted by its gate.
+
+        Node ``j`` is the backbone's node ``j`` (0 the stem's output, ``model.num_nodes`` the node the
+        head reads), alone in layer ``j``. Parallel paths (one span, ``allow_duplicates``) add into
+        the same node from the same node, so they are one edge weighted by the sum of their gates:
+        one edge per distinct span (a span whose gates sum to exactly 0 is none). The backbone's own
+        chain (node ``j-1 -> j``, an identity or a projection) is not an edge: it is the same in
+        every network, and the graph is what the method rewires (so a node no path touches counts as
+        dead or isolated in :mod:`structlearn.analysis.topology`, though the backbone passes through
+        it). Node attributes: ``unit`` (0), ``role`` (0 node 0, 2 the last node, 1 between),
+        ``channels`` and ``projection`` (1 at a stride-2 projection node).
+        """
+        nodes = np.arange(model.num_nodes + 1)
+        spans = np.asarray(model.spans(), dtype=np.int64).reshape(-1, 2)
+        role = np.where(nodes == 0, INPUT, np.where(nodes == model.num_nodes, OUTPUT, HIDDEN))
+        return SignedGraph.from_edges(
+            len(nodes),
+            spans[:, 0],
+            spans[:, 1],
+            np.asarray(list(model.gates().values())),
+            layers=nodes,
+            kind="layered",
+            node_attrs={
+                "unit": np.zeros_like(nodes),
+                "role": role,
+                "channels": np.asarray(model.node_channels),
+                "projection": np.isin(nodes, model.projections).astype(np.int64),
+            },
+            layer_names=("stem", *(f"node{j}" for j in nodes[1:])),
+        )
 
     def write_artifacts(self, model: nn.Module, run_dir: Path) -> list[Path]:
         run_dir = Path(run_dir)

@@ -43,12 +43,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from structlearn.analysis import urn_readout as ro
+from structlearn.analysis.graph import HIDDEN, INPUT, OUTPUT, SignedGraph, recurrent_graph
 from structlearn.methods.base import Method, Plan
 from structlearn.models.urn import URN as URNModel
 from structlearn.utils import check
@@ -162,6 +164,20 @@ class URN(Method):
         model.bias.copy_(bias)
         self._frozen["prune/applied"] = 1.0
         return True
+
+    def graph(self, model: nn.Module) -> SignedGraph:
+        """The recurrent graph of W: an edge j -> i for every non-zero W_ij.
+
+        No magnitude threshold: the L1 term makes weights small, not zero, so before the prune in
+        :meth:`finalize` nearly every entry is an edge; after it, only the emergent network's are.
+        Roles: the first d_in neurons are inputs, ``model.output_index`` the outputs; with a grid
+        the nodes carry their ``x``, ``y``, ``z``.
+        """
+        roles = np.full(model.size, HIDDEN)
+        roles[: model.d_in] = INPUT
+        roles[model.output_index.cpu().numpy()] = OUTPUT
+        coords = model.coordinates() if model.grid is not None else None
+        return recurrent_graph(model.weight, coords=coords, roles=roles)
 
     def write_artifacts(self, model: nn.Module, run_dir: Path) -> list[Path]:
         """``urn_readout.json`` and, with ``plots``, ``urn_activity.png``, ``urn_weights.png``
