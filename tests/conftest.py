@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 # Overrides that make any toy run take well under a second.
-TINY = ["schedule.epochs=2", "logger=none", "device=cpu"]
+TINY = ["schedule.epochs=2", "logger=none", "device=cpu", "analysis.randomizations=2"]
 TOY_SIZES = {
     "moons": ["dataset.n_samples=200"],
     "blobs": ["dataset.n_samples=200"],

@@ -47,11 +47,17 @@ CLI_RUN = ["logger=none", "device=cpu", "threads=1", "dataset.n_samples=200", "s
 shutil_usage = namedtuple("usage", "total used free")
 
 # Tiny runs with a checkpoint after every epoch, so kills land before, between and after them.
-BASE = ["logger=none", "device=cpu", "checkpoint.every=1", "schedule.epochs=4"]
+BASE = ["logger=none", "device=cpu", "checkpoint.every=1", "schedule.epochs=4", "analysis.randomizations=3"]
 RUNS = {
     "dense": ["method=dense", "dataset=moons", *TOY_SIZES["moons"], "schedule.batch_size=32"],
     "morphonet": ["method=morphonet", "dataset=moons", *TOY_SIZES["moons"], "schedule.batch_size=32"],
-    "rigl": ["method=rigl", "dataset=moons", *TOY_SIZES["moons"], "method.update_every=3"],
+    "rigl": [
+        "method=rigl",
+        "dataset=moons",
+        *TOY_SIZES["moons"],
+        "method.update_every=3",
+        "analysis.every=1",
+    ],
     "urn": ["method=urn", "dataset=spheres", *TOY_SIZES["spheres"], "model.size=40"],
     "plasticnet": [
         "method=plasticnet",
@@ -63,7 +69,16 @@ RUNS = {
         "method.rewire_every=2",
     ],
 }
-SUMMARY_KEYS = ("status", "epochs_completed", "final", "best", "params", "structure", "before_finalize")
+SUMMARY_KEYS = (
+    "status",
+    "epochs_completed",
+    "final",
+    "best",
+    "params",
+    "structure",
+    "before_finalize",
+    "structure_analysis",
+)
 
 
 def _kill_self() -> None:
@@ -149,10 +164,14 @@ def _metrics(run_dir: Path) -> list[dict[str, str]]:
 def _record(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     events = (run_dir / "events.jsonl").read_text() if (run_dir / "events.jsonl").exists() else ""
+    structure = run_dir / "structure"
     return {
         "summary": {k: summary.get(k) for k in SUMMARY_KEYS},
         "metrics": _metrics(run_dir),
         "events": events,
+        "structure": {
+            p.name: p.read_text() for p in sorted(structure.glob("*.csv")) + sorted(structure.glob("*.json"))
+        },
         "header": (run_dir / "metrics.csv").read_text().splitlines()[0],
     }
 
@@ -167,6 +186,7 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
     assert got["header"] == want["header"]
     assert got["metrics"] == want["metrics"]
     assert got["events"] == want["events"]
+    assert got["structure"] == want["structure"] and "profile.json" in got["structure"]
     assert got["summary"] == want["summary"]
     a, b = _weights(resumed), _weights(reference)
     assert a.keys() == b.keys()

@@ -136,6 +136,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     method = build(cfg.method, "method")
     schedule = build(cfg.schedule, "schedule")
     sinks = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    analysis = build(cfg.analysis, "analysis") if cfg.get("analysis") else None
     checkpointing = None
     if cfg.get("checkpoint"):  # checkpoint=null: no checkpoints
         checkpointing = replace(build(cfg.checkpoint, "checkpoint"), config=config, code=code_version())
@@ -162,6 +163,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         job_name=job_name,
         checkpointing=checkpointing,
         resume=resume,
+        analysis=analysis,
     )
 
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from structlearn.loggers import RunInfo, RunRecord, Sink, log
 from structlearn.methods.base import Method, OptimizerSlot, Plan
 from structlearn.schedules import TrainSchedule
 from structlearn.utils import ConfigError, check, check_output_dir, clip_grad_norm
+
+if TYPE_CHECKING:
+    from structlearn.analysis.structure import StructureAnalysis
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 METRIC_KEYS = ("test_acc", "test_loss", "train_loss", "train_acc")
@@ -329,6 +332,26 @@ def _restore_optimizers(model: nn.Module, slots: Sequence[OptimizerSlot], saved:
         opt.load_state_dict(entry["state"])
 
 
+def _finish_analysis(
+    analysis: StructureAnalysis,
+    model: nn.Module,
+    method: Method,
+    run_dir: Path,
+    seed: int,
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """The end-of-run structure analysis; its failure is logged and recorded, the run stays completed."""
+    try:
+        headline, paths = analysis.finish(
+            model, method, run_dir, seed, label=str(summary.get("method", "network"))
+        )
+    except Exception as exc:
+        log.exception("the structure analysis failed; the run's own results are unaffected")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    summary["artifacts"] += [str(p) for p in paths]
+    return headline
+
+
 def train(
     *,
     data: InMemoryDataset,
@@ -347,6 +370,7 @@ def train(
     job_name: str | None = None,
     checkpointing: Checkpointing | None = None,
     resume: Mapping[str, Any] | None = None,
+    analysis: StructureAnalysis | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``method`` on ``data`` and record the run in ``run_dir``.
 
@@ -368,6 +392,8 @@ def train(
         checkpointing: when to write ``checkpoint.pt``; None writes none.
         resume: a loaded checkpoint (:func:`structlearn.checkpoint.load`) of this run to continue
             from; the model and method must be built exactly as for the run that wrote it.
+        analysis: the structure analysis to run at evaluation points and at the end (motif
+            profile, topology; ``<run dir>/structure/``), or None.
 
     Returns:
         The summary also written to ``summary.json``. A diverged run returns normally with
@@ -429,6 +455,8 @@ def train(
             best = dict(summary["best"])
             started -= resume["elapsed_s"]
             ckpt.set_rng_state(resume["rng"])
+            if analysis is not None and resume.get("analysis") is not None:
+                analysis.load_state_dict(resume["analysis"], run_dir)
             log.info("resumed at epoch %d, batch %d (step %d)", pos.epoch, pos.batch, pos.step)
         else:
             record.restore([], 0)  # a directory reused from scratch keeps nothing of an earlier attempt
@@ -451,7 +479,14 @@ def train(
                     ],
                     "method": method.state_dict(),
                     "rng": ckpt.rng_state(),
-                    "data": {"generator": generator.get_state(), "epoch_generator": epoch_generator},
+                    "data": {
+                        "generator": generator.get_state(),
+                        "epoch_generator": epoch_generator,
+                        "input_shape": list(data.input_shape),
+                        "num_classes": data.num_classes,
+                    },
+                    "plan": {"epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch, "seed": seed},
+                    "analysis": analysis.state_dict() if analysis is not None else None,
                     "running": vars(running).copy() if pos.batch else None,
                     "record": {"rows": record.rows, "events": record.num_events},
                     "summary": {k: summary[k] for k in ("epochs_completed", "final", "best")},
@@ -538,6 +573,8 @@ def train(
                     record.add_row(row)
                     for sink in sinks:
                         sink.log(row, pos.step)
+                    if analysis is not None:
+                        analysis.observe(epoch + 1, pos.step, model, method, seed, run_dir)
                     if not best or row["test_acc"] > best["test_acc"]:
                         best = {k: row[k] for k in ("epoch", *METRIC_KEYS)}
                     summary["final"] = {k: row[k] for k in METRIC_KEYS}
@@ -561,6 +598,8 @@ def train(
         summary["params"] = method.count_parameters(model).as_dict()
         summary["structure"] = method.structure_metrics(model)
         summary["artifacts"] = [str(p) for p in method.write_artifacts(model, run_dir)]
+        if analysis is not None:
+            summary["structure_analysis"] = _finish_analysis(analysis, model, method, run_dir, seed, summary)
         summary["status"] = "completed"
     except Diverged as exc:
         summary["status"] = "diverged"

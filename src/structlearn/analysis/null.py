@@ -19,8 +19,8 @@ when it would create a self-loop, when a new edge already exists in the graph, w
 of the round would create the same edge, or when it would leave the edge set as it is (same source or same target).
 Rejecting these conservatively keeps every round's result simple. Rounds repeat until
 ``swaps_per_edge × edges`` swaps have been accepted (the last round may overshoot), or until a
-bounded number of rounds has passed: a block where no swap is possible (a complete bipartite
-block) stays as it is instead of looping forever.
+bounded number of rounds has passed. A complete block (every edge from its sources to its targets,
+e.g. a dense layer), where no swap is possible, is left out from the start.
 """
 
 from __future__ import annotations
@@ -93,6 +93,24 @@ def _blocks(
     return code
 
 
+def blocks_index(blocks: np.ndarray) -> np.ndarray:
+    """Each edge's block as an index 0 .. B-1."""
+    return np.unique(blocks, return_inverse=True)[1]
+
+
+def _complete(blocks: np.ndarray, src: np.ndarray, dst: np.ndarray, n: int) -> np.ndarray:
+    """Per block (index order), whether it holds every edge from its sources to its targets.
+
+    No swap can change such a block (a dense layer, a fully connected pair of nodes), so its edges
+    are left out instead of being proposed round after round.
+    """
+    index = blocks_index(blocks)
+    count = np.bincount(index)
+    sources = np.bincount(np.unique(index * n + src) // n, minlength=len(count))
+    targets = np.bincount(np.unique(index * n + dst) // n, minlength=len(count))
+    return count == sources * targets
+
+
 def randomize(
     graph: SignedGraph,
     rng: np.random.Generator | int | None,
@@ -118,13 +136,9 @@ def randomize(
     adjacency.eliminate_zeros()
     coo = adjacency.tocoo()
     src, dst, weight = coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data
-    movable = src != dst
-    switcher = _Switcher(
-        src[movable],
-        dst[movable],
-        _blocks(graph, src[movable], dst[movable], weight[movable] > 0, by_sign),
-        graph.num_nodes,
-    )
+    blocks = _blocks(graph, src, dst, weight > 0, by_sign)
+    movable = (src != dst) & ~_complete(blocks, src, dst, graph.num_nodes)[blocks_index(blocks)]
+    switcher = _Switcher(src[movable], dst[movable], blocks[movable], graph.num_nodes)
     target = math.ceil(swaps_per_edge * int(movable.sum()))
     max_rounds = MAX_ROUNDS_FACTOR * math.ceil(2 * swaps_per_edge) + 10
     accepted = rounds = 0

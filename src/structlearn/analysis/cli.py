@@ -1,0 +1,169 @@
+"""``structlearn-analyze``: the structure analysis of saved checkpoints, one run or a whole sweep.
+
+    structlearn-analyze outputs/runs/2026-11-21/10-00-00_ab12cd34
+    structlearn-analyze outputs/multiruns/2026-11-21/10-00-00_ab12cd34 --randomizations 50 \\
+        --export npz graphml --out motif_profiles
+
+Each run is rebuilt from its ``checkpoint.pt`` (model and method from the config stored in it,
+loaded with ``weights_only=True``) and read through its method's ``graph`` hook, exactly as the
+run's own end-of-run analysis does. A checkpoint written after the last epoch is first finalised
+the way the run was (MorphoNet's hard prune, the URN's prune to its emergent network), so the
+graph is the network the run evaluated. The results go into ``<run dir>/structure/checkpoint/``
+(profile table and picture, numbers, graph files); with ``--out``, all runs' numbers are also
+collected in ``profiles.csv`` and their z-score profiles drawn side by side in ``profiles.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+
+from structlearn import checkpoint as ckpt
+from structlearn.analysis.motifs import MotifProfile
+from structlearn.analysis.plots import plot_profile
+from structlearn.analysis.structure import EXPORTS, StructureAnalysis, analyse
+from structlearn.methods.base import Plan
+from structlearn.utils import ConfigError, build
+
+SHOWN = (
+    "edges",
+    "z/chain",
+    "z/ffl",
+    "z/bifan",
+    "z/diamond",
+    "balance/ffl",
+    "balance/diamond",
+    "z/balance/diamond",
+)
+
+
+def find_checkpoints(paths: Sequence[str | Path]) -> list[Path]:
+    """Checkpoint files from checkpoint paths, run directories, or sweep directories (their jobs)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            found.append(path)
+        elif (path / ckpt.CHECKPOINT_NAME).is_file():
+            found.append(path / ckpt.CHECKPOINT_NAME)
+        elif path.is_dir() and (jobs := sorted(path.glob(f"*/{ckpt.CHECKPOINT_NAME}"), key=_job_order)):
+            found.extend(jobs)
+        else:
+            raise FileNotFoundError(f"{path}: no {ckpt.CHECKPOINT_NAME} there, nor in its subdirectories")
+    return found
+
+
+def _job_order(path: Path) -> tuple[int, str]:
+    name = path.parent.name
+    return (int(name), name) if name.isdigit() else (sys.maxsize, name)
+
+
+def load_network(path: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """The model and method of a checkpoint, rebuilt from its config and loaded (on the CPU).
+
+    Returns:
+        ``(model, method, state)``; the model is the network as the checkpoint left it, finalised
+        when the checkpoint was written after the run's last epoch.
+    """
+    state = ckpt.load(path)
+    cfg = OmegaConf.create(state["config"])
+    model = build(
+        cfg.model,
+        "model",
+        input_shape=tuple(state["data"]["input_shape"]),
+        num_classes=state["data"]["num_classes"],
+    )
+    method = build(cfg.method, "method")
+    plan = Plan(device=torch.device("cpu"), **state["plan"])
+    model = method.prepare(model, plan)
+    model.load_state_dict(state["model"])
+    method.load_state_dict(state["method"])
+    model.eval()
+    if state["position"]["epoch"] == plan.epochs and state["position"]["batch"] == 0:
+        method.finalize(model)
+    return model, method, state
+
+
+def label_of(state: dict[str, Any]) -> str:
+    """``method/dataset/seed`` of a checkpoint, for tables and legends."""
+    names = state.get("names") or {}
+    return f"{names.get('method', '?')}/{names.get('dataset', '?')}/seed{state['plan']['seed']}"
+
+
+def analyse_checkpoint(
+    path: Path, analysis: StructureAnalysis, out: Path | None = None
+) -> tuple[str, dict, Any]:
+    """Analyse one checkpoint; write into ``out`` (default ``<run dir>/structure/checkpoint``)."""
+    model, method, state = load_network(path)
+    label = label_of(state)
+    graph = method.graph(model)
+    if graph is None:
+        print(f"{path}: {label}: skipped (the network's connections do not form a graph the analysis reads)")
+        return label, {}, None
+    print(
+        f"{path}: {label}, epoch {state['position']['epoch']}: {graph.num_nodes} nodes, {graph.num_edges} edges, "
+        f"{analysis.randomizations} randomisations...",
+        flush=True,
+    )
+    started = time.perf_counter()
+    numbers, profile = analyse(
+        graph, analysis.randomizations, (state["plan"]["seed"], 0), analysis.swaps_per_edge, analysis.by_sign
+    )
+    analysis.write(graph, numbers, profile, out or path.parent / "structure" / "checkpoint", label)
+    print(f"  done in {time.perf_counter() - started:.1f} s", flush=True)
+    return label, numbers, profile
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="structlearn-analyze",
+        description="Motif census, structural balance and z-scores of the networks in saved checkpoints.",
+    )
+    parser.add_argument("paths", nargs="+", help="run directories, sweep directories or checkpoint.pt files")
+    parser.add_argument(
+        "--randomizations", type=int, default=20, help="null-model graphs per network (0: counts only)"
+    )
+    parser.add_argument("--swaps-per-edge", type=float, default=10.0, help="accepted edge swaps per edge")
+    parser.add_argument("--by-sign", action="store_true", help="swap only edges of the same sign")
+    parser.add_argument("--export", nargs="*", default=["npz"], choices=EXPORTS, help="graph files to write")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="also write profiles.csv and profiles.png here"
+    )
+    args = parser.parse_args(argv)
+    try:
+        analysis = StructureAnalysis(
+            randomizations=args.randomizations,
+            swaps_per_edge=args.swaps_per_edge,
+            by_sign=args.by_sign,
+            export=args.export,
+        )
+        checkpoints = find_checkpoints(args.paths)
+        results = [analyse_checkpoint(path, analysis) for path in checkpoints]
+    except (ValueError, FileNotFoundError, ConfigError) as exc:
+        print(f"structlearn-analyze: error: {exc}", file=sys.stderr)
+        return 2
+    table = pd.DataFrame([{"run": label, **numbers} for label, numbers, _ in results]).set_index("run")
+    shown = [k for k in SHOWN if k in table.columns]
+    print(table[shown].to_string(float_format=lambda v: f"{v:.3g}"))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out / "profiles.csv")
+        profiles: dict[str, MotifProfile] = {label: p for label, _, p in results if p is not None}
+        if profiles:
+            plot_profile(profiles, args.out / "profiles.png")
+        print(
+            f"written: {args.out / 'profiles.csv'}" + (f", {args.out / 'profiles.png'}" if profiles else "")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

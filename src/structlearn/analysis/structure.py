@@ -1,0 +1,229 @@
+"""The structure analysis of a run: its graph of active connections, topology and motif profile.
+
+:class:`StructureAnalysis` is what the runner calls (config group ``analysis``): at evaluation
+points every ``every`` epochs, for motif trajectories over training, and once at the end, on the
+network used for evaluation. It reads the network only through the method's
+:meth:`~structlearn.methods.base.Method.graph` hook, so it is the same for every method. Results go
+into ``<run dir>/structure/``:
+
+==========================  ==============================================================
+``profile.csv``             per motif: count, null mean, null std, z (the end of the run)
+``profile.json``            the same as flat keys, with the topology numbers
+``profile.png``             the motif z-score profile
+``trajectory.csv``          one row per analysed epoch: topology and ``count/``, ``z/`` keys
+``trajectory.png``          z-scores over training (with ``every``)
+``graph.npz`` ...           the final graph (``export``: npz, graphml, edges)
+==========================  ==============================================================
+
+and the headline numbers into ``summary.json`` under ``structure_analysis``. The null model's
+randomness comes from a generator seeded by the run's seed and the epoch, so an analysis is a pure
+function of the network and a resumed run repeats it exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from structlearn.analysis.graph import SignedGraph, write_graph
+from structlearn.analysis.motifs import MotifProfile, motif_census, motif_profile
+from structlearn.analysis.plots import plot_profile, plot_trajectory
+from structlearn.analysis.topology import topology_summary
+from structlearn.utils import atomic_write_json, check
+
+log = logging.getLogger("structlearn")
+
+EXPORTS = ("npz", "graphml", "edges")
+# What summary.json keeps of an analysis (the rest is in structure/profile.json).
+HEADLINE = (
+    "nodes",
+    "edges",
+    "density",
+    "dead",
+    "isolated",
+    "positive_fraction",
+    *(f"{kind}/{motif}" for motif in ("chain", "ffl", "bifan", "diamond") for kind in ("count", "z")),
+    "balance/ffl",
+    "z/balance/ffl",
+    "balance/diamond",
+    "z/balance/diamond",
+)
+
+
+def analyse(
+    graph: SignedGraph,
+    randomizations: int,
+    seed: Sequence[int],
+    swaps_per_edge: float = 10.0,
+    by_sign: bool = False,
+) -> tuple[dict[str, float], MotifProfile | None]:
+    """Topology and motif numbers of one graph, flat (``count/ffl``, ``z/ffl``, ``balance/ffl``...).
+
+    With ``randomizations=0`` only the census is taken (counts and balance, no z-scores).
+    """
+    numbers = topology_summary(graph)
+    if randomizations == 0:
+        census = motif_census(graph)
+        numbers.update({k if k.startswith("balance/") else f"count/{k}": v for k, v in census.items()})
+        return numbers, None
+    profile = motif_profile(
+        graph,
+        randomizations=randomizations,
+        seed=np.random.default_rng(list(seed)),
+        swaps_per_edge=swaps_per_edge,
+        by_sign=by_sign,
+    )
+    numbers.update(profile.as_dict())
+    return numbers, profile
+
+
+class StructureAnalysis:
+    """When and how to analyse the learned structure of a run (the ``analysis`` config group).
+
+    Args:
+        at_end: analyse the final network (``structure/`` files, ``summary.json`` headline).
+        every: also analyse every this many epochs, at evaluation points (``trajectory.csv``);
+            null: only at the end. Each analysis costs a census per randomisation.
+        randomizations: degree-preserving randomised graphs per analysis (z-scores); 0: counts
+            and balance only.
+        swaps_per_edge: accepted edge swaps per edge in each randomisation.
+        by_sign: swap only edges of the same sign (the null then also keeps signed degrees).
+        export: graph files written at the end: ``npz``, ``graphml`` (networkx, Gephi), ``edges``
+            (CSV edge list ``source,target,weight,sign``).
+        graphml_max_edges: GraphML is skipped above this many edges (it is slow and large there;
+            npz and edges are not).
+    """
+
+    def __init__(
+        self,
+        at_end: bool = True,
+        every: int | None = None,
+        randomizations: int = 20,
+        swaps_per_edge: float = 10.0,
+        by_sign: bool = False,
+        export: Sequence[str] = ("npz",),
+        graphml_max_edges: int = 200_000,
+    ) -> None:
+        check(
+            every is None or (isinstance(every, int) and every >= 1),
+            "every",
+            every,
+            "must be an integer >= 1 or null",
+        )
+        check(
+            isinstance(randomizations, int) and not isinstance(randomizations, bool) and randomizations >= 0,
+            "randomizations",
+            randomizations,
+            "must be an integer >= 0",
+        )
+        check(swaps_per_edge > 0, "swaps_per_edge", swaps_per_edge, "must be > 0")
+        unknown = [e for e in export if e not in EXPORTS]
+        check(not unknown, "export", list(export), f"each must be one of {EXPORTS}")
+        check(graphml_max_edges >= 0, "graphml_max_edges", graphml_max_edges, "must be >= 0")
+        self.at_end, self.every = bool(at_end), every
+        self.randomizations, self.swaps_per_edge, self.by_sign = (
+            randomizations,
+            float(swaps_per_edge),
+            bool(by_sign),
+        )
+        self.export, self.graphml_max_edges = tuple(export), graphml_max_edges
+        self.rows: list[dict[str, float]] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"StructureAnalysis(at_end={self.at_end}, every={self.every}, randomizations={self.randomizations}, "
+            f"swaps_per_edge={self.swaps_per_edge}, by_sign={self.by_sign}, export={list(self.export)})"
+        )
+
+    # -- during training --------------------------------------------------------------------------
+
+    def observe(self, epoch: int, step: int, model: nn.Module, method: Any, seed: int, run_dir: Path) -> None:
+        """At an evaluation point: analyse if ``epoch`` is one of every ``every`` epochs."""
+        if self.every is None or epoch % self.every:
+            return
+        graph = method.graph(model)
+        if graph is None:
+            return
+        numbers, _ = analyse(graph, self.randomizations, (seed, epoch), self.swaps_per_edge, self.by_sign)
+        self.rows.append({"epoch": epoch, "step": step, **numbers})
+        self._write_rows(run_dir)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trajectory so far (a checkpoint holds it, so a resumed run keeps every row once)."""
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state: Mapping[str, Any], run_dir: Path) -> None:
+        self.rows = [dict(r) for r in state["rows"]]
+        self._write_rows(run_dir)
+
+    def _write_rows(self, run_dir: Path) -> None:
+        path = Path(run_dir) / "structure" / "trajectory.csv"
+        if not self.rows:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(exist_ok=True)
+        header = list(dict.fromkeys(k for row in self.rows for k in row))
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    # -- at the end -------------------------------------------------------------------------------
+
+    def finish(
+        self, model: nn.Module, method: Any, run_dir: Path, seed: int, label: str = "network"
+    ) -> tuple[dict[str, Any], list[Path]]:
+        """Analyse the final network; returns the summary headline and the files written."""
+        out = Path(run_dir) / "structure"
+        paths: list[Path] = []
+        if self.rows and len(self.rows) > 1:
+            paths.append(plot_trajectory(pd.DataFrame(self.rows), out / "trajectory.png"))
+        if not self.at_end:
+            return {}, paths
+        graph = method.graph(model)
+        if graph is None:
+            return {"skipped": "the network's connections do not form a graph the analysis reads"}, paths
+        # epochs count from 1, so (seed, 0) is the end of the run
+        numbers, profile = analyse(graph, self.randomizations, (seed, 0), self.swaps_per_edge, self.by_sign)
+        paths += self.write(graph, numbers, profile, out, label)
+        return {k: numbers[k] for k in HEADLINE if k in numbers} | {
+            "randomizations": self.randomizations
+        }, paths
+
+    def write(
+        self,
+        graph: SignedGraph,
+        numbers: Mapping[str, float],
+        profile: MotifProfile | None,
+        out: Path,
+        label: str = "network",
+    ) -> list[Path]:
+        """Write one analysis into ``out``: profile table, numbers, picture, graph files."""
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / "profile.json"]
+        atomic_write_json(paths[0], {k: _json_number(v) for k, v in numbers.items()})
+        if profile is not None:
+            profile.table().to_csv(out / "profile.csv")
+            paths += [out / "profile.csv", plot_profile({label: profile}, out / "profile.png")]
+        for kind in self.export:
+            if kind == "graphml" and graph.num_edges > self.graphml_max_edges:
+                log.warning(
+                    "graph.graphml skipped: %d edges > analysis.graphml_max_edges=%d (graph.npz and graph.edges "
+                    "scale)",
+                    graph.num_edges,
+                    self.graphml_max_edges,
+                )
+                continue
+            paths.append(write_graph(graph, out / f"graph.{kind}"))
+        return paths
+
+
+def _json_number(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
