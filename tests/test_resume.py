@@ -599,3 +599,17 @@ def test_submitit_preemption_checkpoints_requeues_and_resumes(make_cfg, tmp_path
     summary = json.loads((job / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_completed"] == 15
     assert _metrics(job) == _metrics(reference)
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run(make_cfg, tmp_path):
+    pytest.importorskip("wandb")
+    from .test_sweeps import read_wandb_runs
+
+    cfg = [*BASE, *RUNS["dense"], "logger=wandb", "logger.wandb.mode=offline"]
+    assert execute(make_cfg(*cfg), tmp_path)["status"] == "completed"
+    (tmp_path / "summary.json").unlink()  # as if killed after its last checkpoint
+    assert execute(make_cfg(*cfg, f"resume={tmp_path}"), tmp_path)["status"] == "completed"
+    files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2  # one W&B process per start...
+    ids = {run.run_id for f in files for run in read_wandb_runs(f)}
+    assert ids == {(tmp_path / "wandb_run_id").read_text().strip()}  # ...logging into one W&B run

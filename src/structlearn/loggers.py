@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import secrets
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -226,7 +227,9 @@ class WandbSink:
     W&B is optional: the package is imported when the run starts, and any W&B error is logged
     and switches the sink off, so training never stops for it (the local files are the record).
     The run is always finished in :meth:`finish`, so the next job of a sweep in the same process
-    never inherits it.
+    never inherits it. The W&B run id is kept in ``<run dir>/wandb_run_id``, so a resumed run logs
+    into the same W&B run (rows between its checkpoint and the kill were logged with the same
+    values the first time: W&B keeps those and ignores the repeats).
 
     Args:
         project: W&B project.
@@ -275,7 +278,13 @@ class WandbSink:
         try:
             import wandb
 
+            # One W&B run per run directory: a resumed run continues the W&B run it started.
+            id_file = info.run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+            id_file.write_text(run_id + "\n")
             self._run = wandb.init(
+                id=run_id,
+                resume="allow",
                 project=self.project,
                 entity=self.entity,
                 mode=self.mode,

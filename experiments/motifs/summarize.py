@@ -1,0 +1,146 @@
+"""Tables and pictures of the motif study from a sweep of `experiment=motifs`.
+
+    python experiments/motifs/summarize.py outputs/multiruns/motifs_study [--out experiments/motifs]
+
+Reads every run's ``summary.json`` (``structure_analysis``: the end-of-run motif profile against its
+degree-preserving null) and ``structure/trajectory.csv``; writes ``results.md`` (mean ± std over seeds
+per dataset and method, and paired t-tests of each method against the static random masks of the
+same seeds), ``profile.png`` (mean z-scores) and ``trajectory.png`` (z-scores over training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from structlearn.report import _pyplot, load_runs
+
+KEYS = (
+    "z/bifan",
+    "z/diamond",
+    "z/ffl",
+    "balance/diamond",
+    "z/balance/diamond",
+    "balance/ffl",
+    "z/balance/ffl",
+)
+EXTRA = ("final.test_acc", "structure_analysis.edges", "structure_analysis.dead")
+METHODS = ("morphonet", "set", "rigl", "gmp", "static")
+BASELINE = "static"
+
+
+def _cell(values: pd.Series, digits: int = 2) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "n/a"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1) if len(values) > 1 else 0:.{digits}f}"
+
+
+def _paired_p(runs: pd.DataFrame, column: str, dataset: str, method: str) -> float:
+    mine = runs[(runs.dataset == dataset) & (runs.method == method)].set_index("seed")[column]
+    base = runs[(runs.dataset == dataset) & (runs.method == BASELINE)].set_index("seed")[column]
+    both = pd.concat([mine, base], axis=1, keys=["m", "b"]).dropna()
+    if len(both) < 2 or np.allclose(both.m - both.b, (both.m - both.b).iloc[0]):
+        return math.nan
+    return float(stats.ttest_rel(both.m, both.b).pvalue)
+
+
+def tables(runs: pd.DataFrame) -> str:
+    lines = []
+    for dataset in sorted(runs.dataset.unique()):
+        lines += [f"### {dataset}", ""]
+        header = ["method", "n", "test acc", "edges", "dead", *KEYS]
+        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for method in METHODS:
+            group = runs[(runs.dataset == dataset) & (runs.method == method)]
+            if group.empty:
+                continue
+            cells = [method, str(len(group)), _cell(100 * group["final.test_acc"], 1)]
+            cells += [_cell(group["structure_analysis.edges"], 0), _cell(group["structure_analysis.dead"], 1)]
+            for key in KEYS:
+                cell = _cell(group[f"structure_analysis.{key}"])
+                p = (
+                    _paired_p(runs, f"structure_analysis.{key}", dataset, method)
+                    if method != BASELINE
+                    else math.nan
+                )
+                cells.append(cell + (f" (p={p:.2g})" if not math.isnan(p) else ""))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_profiles(runs: pd.DataFrame, path: Path) -> None:
+    plt = _pyplot()
+    datasets = sorted(runs.dataset.unique())
+    keys = ("z/bifan", "z/diamond", "z/ffl", "z/balance/diamond", "z/balance/ffl")
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), sharey=True, squeeze=False)
+    width = 0.8 / len(METHODS)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for i, method in enumerate(METHODS):
+            group = runs[(runs.dataset == dataset) & (runs.method == method)]
+            columns = [f"structure_analysis.{k}" for k in keys]
+            means = [group[c].mean() for c in columns]
+            stds = [group[c].std(ddof=1) for c in columns]
+            ax.bar(np.arange(len(keys)) + i * width, means, width, yerr=stds, label=method, capsize=2)
+        ax.axhline(0, color="black", linewidth=0.8)
+        for z in (-2, 2):
+            ax.axhline(z, color="grey", linewidth=0.6, linestyle="--")
+        ax.set_xticks(
+            np.arange(len(keys)) + 0.4 - width / 2, [k.removeprefix("z/") for k in keys], rotation=30
+        )
+        ax.set_title(dataset)
+        ax.set_yscale("symlog", linthresh=5)
+    axes[0][0].set_ylabel("z vs degree-preserving null (mean ± std over seeds)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_trajectories(runs: pd.DataFrame, path: Path, key: str = "z/bifan") -> None:
+    plt = _pyplot()
+    datasets = sorted(runs.dataset.unique())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.5), sharey=True, squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for method in METHODS:
+            frames = []
+            for run_dir in runs[(runs.dataset == dataset) & (runs.method == method)].run_dir:
+                trajectory = Path(run_dir) / "structure" / "trajectory.csv"
+                if trajectory.exists():
+                    frames.append(pd.read_csv(trajectory)[["epoch", key]])
+            if frames:
+                mean = pd.concat(frames).groupby("epoch")[key].mean()
+                ax.plot(mean.index, mean.values, marker="o", label=method)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(dataset)
+        ax.set_xlabel("epoch")
+        ax.set_yscale("symlog", linthresh=5)
+    axes[0][0].set_ylabel(f"{key} (mean over seeds)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    args = parser.parse_args()
+    runs = load_runs(args.sweep)
+    runs = runs[runs.status == "completed"]  # method, dataset, seed: the summaries' own columns
+    text = tables(runs)
+    (args.out / "results.md").write_text(text)
+    plot_profiles(runs, args.out / "profile.png")
+    plot_trajectories(runs, args.out / "trajectory.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
