@@ -24,7 +24,7 @@ def test_every_run_ends_with_a_motif_profile_in_its_directory_and_summary(make_c
     assert head["randomizations"] == 5 and "error" not in head
     assert {"edges", "count/ffl", "z/bifan", "z/diamond", "balance/diamond", "dead"} <= set(head)
     out = tmp_path / "structure"
-    for name in ("profile.csv", "profile.json", "profile.png", "graph.npz"):
+    for name in ("profile.csv", "profile.json", "topology.json", "profile.png", "graph.npz"):
         assert (out / name).stat().st_size > 0, name
         assert str(out / name) in summary["artifacts"]
     graph = read_graph(out / "graph.npz")
@@ -32,6 +32,9 @@ def test_every_run_ends_with_a_motif_profile_in_its_directory_and_summary(make_c
     # the graph is the network's: RigL's masked-in non-zero weights between consecutive layers
     model, method, _ = load_network(tmp_path / "checkpoint.pt")
     assert graph.num_edges == sum(int(((m != 0) & (w != 0)).sum()) for m, w in _masked(model, method))
+    topology = json.loads((out / "topology.json").read_text())
+    assert [layer["name"] for layer in topology["layers"]][0] == "input"
+    assert sum(pair["edges"] for pair in topology["pairs"]) == head["edges"]
     with open(out / "profile.csv") as f:
         rows = {r["motif"]: r for r in csv.DictReader(f)}
     assert float(rows["bifan"]["count"]) == head["count/bifan"]
@@ -47,7 +50,11 @@ def test_analysis_every_n_epochs_gives_a_trajectory(make_cfg, tmp_path):
     with open(tmp_path / "structure" / "trajectory.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [2, 4]
-    assert {"edges", "z/ffl", "count/bifan", "balance/diamond"} <= set(rows[0])
+    assert {"edges", "z/ffl", "count/bifan", "balance/diamond", "churn", "ever_active"} <= set(rows[0])
+    # SET rewires every epoch: the edge sets of epochs 2 and 4 differ, and more edges were ever active
+    assert rows[0]["churn"] == "" or rows[0]["churn"] == "nan"
+    assert 0 < float(rows[1]["churn"]) < 1
+    assert float(rows[1]["ever_active"]) > float(rows[0]["ever_active"]) > 0
     assert (tmp_path / "structure" / "trajectory.png").stat().st_size > 0
     assert summary["status"] == "completed"
 

@@ -9,8 +9,11 @@ into ``<run dir>/structure/``:
 ==========================  ==============================================================
 ``profile.csv``             per motif: count, null mean, null std, z (the end of the run)
 ``profile.json``            the same as flat keys, with the topology numbers
+``topology.json``           per layer: nodes, in/out-degree summaries and histograms, dead,
+                            isolated; per layer pair: edges, possible, density
 ``profile.png``             the motif z-score profile
-``trajectory.csv``          one row per analysed epoch: topology and ``count/``, ``z/`` keys
+``trajectory.csv``          one row per analysed epoch: topology, ``churn``, ``ever_active``,
+                            ``count/``, ``z/`` keys
 ``trajectory.png``          z-scores over training (with ``every``)
 ``graph.npz`` ...           the final graph (``export``: npz, graphml, edges)
 ==========================  ==============================================================
@@ -23,6 +26,7 @@ function of the network and a resumed run repeats it exactly.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,12 +34,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from structlearn.analysis.graph import SignedGraph, write_graph
 from structlearn.analysis.motifs import MotifProfile, motif_census, motif_profile
 from structlearn.analysis.plots import plot_profile, plot_trajectory
-from structlearn.analysis.topology import topology_summary
+from structlearn.analysis.topology import layer_stats, possible_edges, topology_summary
 from structlearn.utils import atomic_write_json, check
 
 log = logging.getLogger("structlearn")
@@ -135,6 +140,8 @@ class StructureAnalysis:
         )
         self.export, self.graphml_max_edges = tuple(export), graphml_max_edges
         self.rows: list[dict[str, float]] = []
+        self._previous = np.zeros(0, dtype=np.int64)  # edge keys (src * n + dst) at the last analysis
+        self._ever = np.zeros(0, dtype=np.int64)  # edge keys present at any analysis so far
 
     def __repr__(self) -> str:
         return (
@@ -145,22 +152,42 @@ class StructureAnalysis:
     # -- during training --------------------------------------------------------------------------
 
     def observe(self, epoch: int, step: int, model: nn.Module, method: Any, seed: int, run_dir: Path) -> None:
-        """At an evaluation point: analyse if ``epoch`` is one of every ``every`` epochs."""
+        """At an evaluation point: analyse if ``epoch`` is one of every ``every`` epochs.
+
+        The row also has ``churn`` (the fraction of the union of this and the last analysed edge
+        set that changed between them) and ``ever_active`` (edges present at any analysis so far,
+        over the possible edges).
+        """
         if self.every is None or epoch % self.every:
             return
         graph = method.graph(model)
         if graph is None:
             return
         numbers, _ = analyse(graph, self.randomizations, (seed, epoch), self.swaps_per_edge, self.by_sign)
+        src, dst, _ = graph.edges()
+        keys = np.unique(src.astype(np.int64) * graph.num_nodes + dst)
+        union = np.union1d(self._previous, keys)
+        changed = len(np.setxor1d(self._previous, keys, assume_unique=True))
+        self._ever = np.union1d(self._ever, keys)
+        possible = possible_edges(graph)
+        numbers["churn"] = changed / len(union) if self.rows and len(union) else float("nan")
+        numbers["ever_active"] = len(self._ever) / possible if possible else float("nan")
+        self._previous = keys
         self.rows.append({"epoch": epoch, "step": step, **numbers})
         self._write_rows(run_dir)
 
     def state_dict(self) -> dict[str, Any]:
         """The trajectory so far (a checkpoint holds it, so a resumed run keeps every row once)."""
-        return {"rows": [dict(r) for r in self.rows]}
+        return {
+            "rows": [dict(r) for r in self.rows],
+            "previous": torch.from_numpy(self._previous),
+            "ever": torch.from_numpy(self._ever),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any], run_dir: Path) -> None:
         self.rows = [dict(r) for r in state["rows"]]
+        self._previous = state["previous"].cpu().numpy()
+        self._ever = state["ever"].cpu().numpy()
         self._write_rows(run_dir)
 
     def _write_rows(self, run_dir: Path) -> None:
@@ -207,8 +234,9 @@ class StructureAnalysis:
     ) -> list[Path]:
         """Write one analysis into ``out``: profile table, numbers, picture, graph files."""
         out.mkdir(parents=True, exist_ok=True)
-        paths = [out / "profile.json"]
+        paths = [out / "profile.json", out / "topology.json"]
         atomic_write_json(paths[0], {k: _json_number(v) for k, v in numbers.items()})
+        atomic_write_json(paths[1], _plain(dataclasses.asdict(layer_stats(graph))))
         if profile is not None:
             profile.table().to_csv(out / "profile.csv")
             paths += [out / "profile.csv", plot_profile({label: profile}, out / "profile.png")]
@@ -227,3 +255,16 @@ class StructureAnalysis:
 
 def _json_number(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
+
+
+def _plain(obj: Any) -> Any:
+    """Arrays as lists and non-finite floats as None, recursively: what JSON holds."""
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | np.ndarray):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return _json_number(float(obj))
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
