@@ -603,7 +603,8 @@ def train(
         summary["status"] = "completed"
     except Diverged as exc:
         summary["status"] = "diverged"
-        summary["error"] = f"{exc}; metrics so far and the last checkpoint are kept"
+        kept = "metrics so far and the last checkpoint are kept" if checkpointing else "metrics so far are kept"
+        summary["error"] = f"{exc}; {kept}"
         with contextlib.suppress(Exception):  # the parameter counts of the network as it stopped
             summary["params"] = method.count_parameters(model).as_dict()
     except BaseException as exc:
