@@ -1,11 +1,12 @@
 """Tables and pictures of the motif study from a sweep of `experiment=motifs`.
 
-    python experiments/motifs/summarize.py outputs/multiruns/motifs_study [--out experiments/motifs]
+    python experiments/motifs/summarize.py outputs/multiruns/motifs_study outputs/multiruns/motifs_static_controls
 
 Reads every run's ``summary.json`` (``structure_analysis``: the end-of-run motif profile against its
 degree-preserving null) and ``structure/trajectory.csv``; writes ``results.md`` (mean ± std over seeds
-per dataset and method, and paired t-tests of each method against the static random masks of the
-same seeds), ``profile.png`` (mean z-scores) and ``trajectory.png`` (z-scores over training).
+per dataset and method, and paired t-tests of each method against the static random masks with the
+same per-layer densities, :data:`CONTROL`, paired by seed), ``profile.png`` (mean z-scores) and
+``trajectory.png`` (z-scores over training).
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ KEYS = (
     "z/balance/ffl",
 )
 EXTRA = ("final.test_acc", "structure_analysis.edges", "structure_analysis.dead")
-METHODS = ("morphonet", "set", "rigl", "gmp", "static")
-BASELINE = "static"
+METHODS = ("morphonet", "set", "rigl", "gmp", "static", "static-erdos_renyi", "static-erk")
+# Each method against the static random masks with its own per-layer densities: SET starts from
+# Erdős–Rényi, RigL from ERK; GMP prunes every layer to the same density, like uniform static
+# masks; MorphoNet learns its own (the uniform masks are the nearest control).
+CONTROL = {"morphonet": "static", "set": "static-erdos_renyi", "rigl": "static-erk", "gmp": "static"}
 
 
 def _cell(values: pd.Series, digits: int = 2) -> str:
@@ -42,8 +46,9 @@ def _cell(values: pd.Series, digits: int = 2) -> str:
 
 
 def _paired_p(runs: pd.DataFrame, column: str, dataset: str, method: str) -> float:
+    """Paired t-test (by seed: the same data draw) of ``method`` against its control."""
     mine = runs[(runs.dataset == dataset) & (runs.method == method)].set_index("seed")[column]
-    base = runs[(runs.dataset == dataset) & (runs.method == BASELINE)].set_index("seed")[column]
+    base = runs[(runs.dataset == dataset) & (runs.method == CONTROL[method])].set_index("seed")[column]
     both = pd.concat([mine, base], axis=1, keys=["m", "b"]).dropna()
     if len(both) < 2 or np.allclose(both.m - both.b, (both.m - both.b).iloc[0]):
         return math.nan
@@ -66,7 +71,7 @@ def tables(runs: pd.DataFrame) -> str:
                 cell = _cell(group[f"structure_analysis.{key}"])
                 p = (
                     _paired_p(runs, f"structure_analysis.{key}", dataset, method)
-                    if method != BASELINE
+                    if method in CONTROL
                     else math.nan
                 )
                 cells.append(cell + (f" (p={p:.2g})" if not math.isnan(p) else ""))
@@ -78,7 +83,7 @@ def tables(runs: pd.DataFrame) -> str:
 def plot_profiles(runs: pd.DataFrame, path: Path) -> None:
     plt = _pyplot()
     datasets = sorted(runs.dataset.unique())
-    keys = ("z/bifan", "z/diamond", "z/ffl", "z/balance/diamond", "z/balance/ffl")
+    keys = ("z/bifan", "z/diamond", "z/balance/diamond")  # an MLP has no feed-forward loops (no skip edges)
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), sharey=True, squeeze=False)
     width = 0.8 / len(METHODS)
     for ax, dataset in zip(axes[0], datasets, strict=True):
@@ -96,9 +101,10 @@ def plot_profiles(runs: pd.DataFrame, path: Path) -> None:
         )
         ax.set_title(dataset)
         ax.set_yscale("symlog", linthresh=5)
-    axes[0][0].set_ylabel("z vs degree-preserving null (mean ± std over seeds)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
+    axes[0][0].set_ylabel("z vs null (mean ± std, 5 seeds)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -130,11 +136,14 @@ def plot_trajectories(runs: pd.DataFrame, path: Path, key: str = "z/bifan") -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", type=Path)
+    parser.add_argument("sweeps", type=Path, nargs="+", help="the study's sweep directories")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
-    runs = load_runs(args.sweep)
-    runs = runs[runs.status == "completed"]  # method, dataset, seed: the summaries' own columns
+    runs = load_runs(*args.sweeps)
+    runs = runs[runs.status == "completed"].copy()  # method, dataset, seed: the summaries' own columns
+    if "override:method.distribution" in runs:  # the static controls with other per-layer densities
+        distribution = runs["override:method.distribution"].fillna("")
+        runs["method"] = runs["method"].where(distribution == "", runs["method"] + "-" + distribution)
     text = tables(runs)
     (args.out / "results.md").write_text(text)
     plot_profiles(runs, args.out / "profile.png")
