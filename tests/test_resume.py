@@ -49,7 +49,14 @@ shutil_usage = namedtuple("usage", "total used free")
 # Tiny runs with a checkpoint after every epoch, so kills land before, between and after them.
 BASE = ["logger=none", "device=cpu", "checkpoint.every=1", "schedule.epochs=4", "analysis.randomizations=3"]
 RUNS = {
-    "dense": ["method=dense", "dataset=moons", *TOY_SIZES["moons"], "schedule.batch_size=32"],
+    # dropout draws from torch's global generator: its state must be restored too
+    "dense": [
+        "method=dense",
+        "dataset=moons",
+        *TOY_SIZES["moons"],
+        "schedule.batch_size=32",
+        "model.dropout=0.2",
+    ],
     "morphonet": ["method=morphonet", "dataset=moons", *TOY_SIZES["moons"], "schedule.batch_size=32"],
     "rigl": [
         "method=rigl",
@@ -67,6 +74,18 @@ RUNS = {
         "model.widths=[8,8,16,16]",
         "schedule.batch_size=32",
         "method.rewire_every=2",
+    ],
+    # the seed's variant: new paths untrained (in no optimiser, their gradients add up) and the gradient criterion
+    "plasticnet_untrained": [
+        "method=plasticnet",
+        "dataset=moons",
+        *TOY_SIZES["moons"],
+        "model.stem_width=4",
+        "model.widths=[8,8,16,16]",
+        "schedule.batch_size=32",
+        "method.rewire_every=2",
+        "method.criterion=gradient",
+        "method.train_new_paths=false",
     ],
 }
 SUMMARY_KEYS = (
@@ -253,17 +272,19 @@ def test_a_kill_during_the_first_checkpoint_leaves_nothing_to_resume(make_cfg, t
 # -- preemption signals ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", sorted(RUNS))
 def test_sigterm_checkpoints_mid_epoch_exits_143_and_resumes_exactly(
-    make_cfg, tmp_path, references, tmp_path_factory
+    make_cfg, tmp_path, references, tmp_path_factory, name
 ):
-    reference = _reference(make_cfg, references, tmp_path_factory, "morphonet")
-    cfg = make_cfg(*BASE, *RUNS["morphonet"], "checkpoint.every=0")  # no epoch checkpoints: only the signal's
+    reference = _reference(make_cfg, references, tmp_path_factory, name)
+    cfg = make_cfg(*BASE, *RUNS[name], "checkpoint.every=0")  # no epoch checkpoints: only the signal's
+    per_epoch = int(_metrics(reference)[0]["step"])
+    step = random.Random(f"sigterm {name}").randrange(per_epoch + 1, 2 * per_epoch)  # inside epoch 2
     pid = os.fork()
     if pid == 0:
         code = 3
         try:
-            # in the middle of epoch 2
-            structlearn.runner.train_step = _step_then(9, lambda: os.kill(os.getpid(), signal.SIGTERM))
+            structlearn.runner.train_step = _step_then(step, lambda: os.kill(os.getpid(), signal.SIGTERM))
             execute(cfg, tmp_path)
         except SystemExit as exc:
             code = exc.code
@@ -275,10 +296,9 @@ def test_sigterm_checkpoints_mid_epoch_exits_143_and_resumes_exactly(
     assert summary["status"] == "failed" and summary["interrupted"] == "SIGTERM"
     assert f"resume={tmp_path}" in summary["error"]
     state = ckpt.load(tmp_path / ckpt.CHECKPOINT_NAME)
-    assert state["position"] == {"epoch": 1, "batch": 4, "step": 9}  # 5 steps per epoch
-    assert (
-        execute(make_cfg(*BASE, *RUNS["morphonet"], f"resume={tmp_path}"), tmp_path)["status"] == "completed"
-    )
+    assert state["position"] == {"epoch": 1, "batch": step - per_epoch, "step": step}  # mid-epoch
+    resumed = execute(make_cfg(*BASE, *RUNS[name], "checkpoint.every=0", f"resume={tmp_path}"), tmp_path)
+    assert resumed["status"] == "completed"
     _assert_same_run(tmp_path, reference)
 
 
@@ -324,8 +344,8 @@ def test_a_checkpoint_from_another_code_version_is_refused(make_cfg, tmp_path, m
     execute(cfg, tmp_path)
     (tmp_path / "summary.json").unlink()
     real = structlearn.run.code_version
-    monkeypatch.setattr(structlearn.run, "code_version", lambda: {**real(), "git_sha": "0123abc"})
-    with pytest.raises(ConfigError, match=r"code git_sha: .* in the checkpoint, now '0123abc'"):
+    monkeypatch.setattr(structlearn.run, "code_version", lambda: {**real(), "source": "0123abc"})
+    with pytest.raises(ConfigError, match=r"code source: .* in the checkpoint, now '0123abc'"):
         execute(cfg, tmp_path)
 
 
@@ -508,6 +528,11 @@ def test_resume_from_the_command_line_needs_only_the_run_directory(make_cfg, tmp
     assert _metrics(run_dir) == _metrics(reference)
     different = cli(f"resume={run_dir}", "schedule.epochs=50", cwd=tmp_path)
     assert different.returncode == 2 and "schedule.epochs: 15 in the checkpoint, now 50" in different.stderr
+    again = cli(f"resume={run_dir}", cwd=tmp_path)  # the refused command changed nothing
+    assert again.returncode == 0 and "already completed" in again.stdout + again.stderr
+    typo = cli(f"resume={run_dir}-typo", cwd=tmp_path)
+    assert typo.returncode == 2 and "there is no run directory there" in typo.stderr
+    assert not Path(f"{run_dir}-typo").exists()
 
 
 def _wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -531,6 +556,11 @@ def test_with_saved_overrides_puts_the_runs_own_overrides_first(tmp_path):
     assert with_saved_overrides(argv) == ["method=rigl", "+foo=1", *argv]
     assert with_saved_overrides(["-m", f"resume={tmp_path}"]) == ["-m", f"resume={tmp_path}"]
     assert with_saved_overrides(["method=set"]) == ["method=set"]
+    # values are passed on as written: interpolations are not resolved here
+    (tmp_path / ".hydra" / "run_overrides.yaml").write_text("- method.density=${density}\n")
+    assert with_saved_overrides([f"resume={tmp_path}"]) == ["method.density=${density}", f"resume={tmp_path}"]
+    with pytest.raises(ConfigError, match="there is no run directory there"):
+        with_saved_overrides([f"resume={tmp_path / 'typo'}"])
 
 
 def _submitit_worker(sweep: Path, timeout: float = 60) -> int:

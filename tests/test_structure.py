@@ -33,7 +33,7 @@ def test_every_run_ends_with_a_motif_profile_in_its_directory_and_summary(make_c
     model, method, _ = load_network(tmp_path / "checkpoint.pt")
     assert graph.num_edges == sum(int(((m != 0) & (w != 0)).sum()) for m, w in _masked(model, method))
     topology = json.loads((out / "topology.json").read_text())
-    assert [layer["name"] for layer in topology["layers"]][0] == "input"
+    assert topology["layers"][0]["name"] == "input"
     assert sum(pair["edges"] for pair in topology["pairs"]) == head["edges"]
     with open(out / "profile.csv") as f:
         rows = {r["motif"]: r for r in csv.DictReader(f)}

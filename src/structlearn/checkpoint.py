@@ -32,8 +32,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 # Config keys that may differ between a checkpoint and the run that resumes it: they change where
-# and how the run is recorded or scheduled, never what it computes.
-RESUMABLE_DIFFERENCES = ("resume", "logger", "threads", "checkpoint", "analysis")
+# and how the run is recorded or scheduled, never what it computes; and the device (a requeued job
+# may land on another node; bit-identical results are only promised on the same device type).
+RESUMABLE_DIFFERENCES = ("resume", "logger", "threads", "checkpoint", "analysis", "device")
 
 
 class CheckpointMismatch(ValueError):
@@ -119,8 +120,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "cuda" in state and torch.cuda.is_available():  # the devices visible now (a requeue may see fewer)
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
 def _plain(obj: Any) -> Any:

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import os
 import secrets
 import sys
 from collections.abc import Mapping
@@ -202,6 +203,13 @@ class RunRecord:
         with self.events_path.open("a") as f:
             f.write(json.dumps({"step": step, **event}) + "\n")
         self.num_events += 1
+
+    def sync(self) -> None:
+        """Force the rows and events written so far to disk (before a checkpoint counts them)."""
+        for path in (self.metrics_path, self.events_path):
+            if path.exists():
+                with path.open("rb+") as f:
+                    os.fsync(f.fileno())
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.summary_path, _finite(summary))

@@ -7,9 +7,12 @@ sees a ``DictConfig``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import secrets
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 
 import hydra
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -72,10 +76,28 @@ def _names(cfg: DictConfig) -> dict[str, str]:
     }
 
 
+SOURCE = Path(__file__).resolve().parent
+
+
+@functools.cache
+def source_hash() -> str:
+    """A hash of structlearn's own source files: the code a run computes with, committed or not.
+
+    Unlike the git commit it changes with uncommitted edits to the code, and not with edits
+    elsewhere in the repository (a README), so a checkpoint is refused exactly when the code that
+    would continue it differs.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(SOURCE.rglob("*.py")):
+        digest.update(str(path.relative_to(SOURCE)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def code_version() -> dict[str, Any]:
-    """What a checkpoint must have been written by to be resumed: the commit and the packages."""
+    """What a checkpoint must have been written by to be resumed: structlearn's source and torch."""
     versions = package_versions()
-    return {"git_sha": git_sha(), "structlearn": versions.get("structlearn"), "torch": versions["torch"]}
+    return {"source": source_hash(), "structlearn": versions.get("structlearn"), "torch": versions["torch"]}
 
 
 def _resume_point(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -88,7 +110,7 @@ def _resume_point(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> dic
     if explicit:
         if not Path(explicit).is_dir():
             raise ConfigError(f"resume={explicit!r} is invalid: there is no run directory there")
-        if Path(explicit).resolve() != run_dir.resolve():
+        if Path(explicit).resolve() != Path(run_dir).resolve():
             raise ConfigError(
                 f"resume={explicit!r} is invalid: a run continues in its own directory, but this job "
                 f"writes to {run_dir} (resume applies to single runs; a sweep job resumes by itself "
@@ -124,11 +146,11 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """
     seed, device, precision = _scalars(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
-    resume = _resume_point(cfg, run_dir, config)
-    done = _finished_summary(run_dir) if resume is not None or cfg.get("resume") else None
+    done = _finished_run(run_dir, config)
     if done is not None:
         log.info("%s already %s; nothing to do", run_dir, done["status"])
         return done
+    resume = _resume_point(cfg, run_dir, config)
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
     seed_everything(seed)
     data = build(cfg.dataset, "dataset")
@@ -167,14 +189,31 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
 
 
-def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The summary of a run that ended (completed or diverged), or None."""
-    path = run_dir / "summary.json"
+def _finished_run(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of a run in ``run_dir`` that already ended with this config, or None.
+
+    A run ended when its summary says completed or diverged; it is the same run when its
+    checkpoint was written with the same config (the code may have changed since: the results
+    stand). Without a checkpoint there is nothing to compare, and the run is trained again.
+    """
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    return summary if summary.get("status") in ("completed", "diverged") else None
+    path = ckpt.find(run_dir)
+    if summary.get("status") not in ("completed", "diverged") or path is None:
+        return None
+    try:
+        differences = ckpt.config_differences(ckpt.load(path).get("config") or {}, config)
+    except ckpt.CheckpointMismatch as exc:
+        raise ConfigError(str(exc)) from exc
+    if differences:
+        listing = "\n  ".join(differences)
+        raise ConfigError(
+            f"{run_dir} holds a finished run with another config:\n  {listing}\n"
+            "Start the new run in another directory."
+        )
+    return summary
 
 
 def objective(summary: dict[str, Any], path: str | None) -> float | None:
@@ -195,6 +234,7 @@ def objective(summary: dict[str, Any], path: str | None) -> float | None:
 def app(cfg: DictConfig) -> float | None:
     """Run one job; in a multirun, an invalid job fails alone and the sweep goes on."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    _keep_run_overrides(run_dir)
     try:
         summary = execute(cfg, run_dir)
     except Exception as exc:
@@ -217,6 +257,16 @@ def app(cfg: DictConfig) -> float | None:
     return objective(summary, cfg.get("optimized_metric"))
 
 
+RUN_OVERRIDES = "run_overrides.yaml"
+
+
+def _keep_run_overrides(run_dir: Path) -> None:
+    """Copy the run's first ``overrides.yaml``, which Hydra rewrites at each start (a refused resume too)."""
+    hydra_dir = run_dir / ".hydra"
+    if (hydra_dir / "overrides.yaml").is_file() and not (hydra_dir / RUN_OVERRIDES).exists():
+        shutil.copyfile(hydra_dir / "overrides.yaml", hydra_dir / RUN_OVERRIDES)
+
+
 def _override_key(override: str) -> str:
     """``+schedule.epochs=3`` -> ``schedule.epochs``; ``method=rigl`` -> ``method``."""
     return override.split("=", 1)[0].lstrip("~+")
@@ -225,18 +275,27 @@ def _override_key(override: str) -> str:
 def with_saved_overrides(argv: list[str]) -> list[str]:
     """``structlearn resume=<dir>``: put the run's own overrides first, so it composes the same config.
 
-    The overrides come from ``<dir>/.hydra/overrides.yaml``; those the command line sets again are
+    The overrides come from ``<dir>/.hydra/run_overrides.yaml`` (the first start's
+    ``overrides.yaml``, kept by the app), else ``overrides.yaml``; those the command line sets again are
     left out (the command line wins, and the checkpoint check refuses values that differ from the
     run's). Arguments of a multirun are left as they are.
     """
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if not resume or not resume[-1] or {"-m", "--multirun"} & set(argv):
         return argv
-    saved = Path(resume[-1]) / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
+    run_dir = Path(resume[-1])
+    if not run_dir.is_dir():  # checked here: Hydra creates the run directory before the app runs
+        raise ConfigError(f"resume={resume[-1]!r} is invalid: there is no run directory there")
+    hydra_dir = run_dir / ".hydra"
+    saved = next((p for p in (hydra_dir / RUN_OVERRIDES, hydra_dir / "overrides.yaml") if p.is_file()), None)
+    if saved is None:
         return argv  # execute() says there is nothing to resume
     given = {_override_key(a) for a in argv if not a.startswith("-")}
-    kept = [o for o in OmegaConf.load(saved) if _override_key(o) not in given | {"resume"}]
+    kept = [
+        str(o)
+        for o in yaml.safe_load(saved.read_text()) or []
+        if _override_key(str(o)) not in given | {"resume"}
+    ]
     return [*kept, *argv]
 
 
@@ -264,7 +323,11 @@ class OutputDirCheck(Callback):
 
 def main() -> None:
     """Console-script entry point."""
-    sys.argv[1:] = with_saved_overrides(sys.argv[1:])
+    try:
+        sys.argv[1:] = with_saved_overrides(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"structlearn: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     app()
 
 

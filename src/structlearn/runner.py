@@ -211,7 +211,7 @@ class _SignalGuard:
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __init__(self) -> None:
-        self.pending: int | None = None
+        self.pending: list[int] = []  # every signal noted since the last forward, in order
         self.received: str | None = None  # the last signal acted on, for the summary
         self._previous: dict[int, Any] = {}
 
@@ -229,22 +229,34 @@ class _SignalGuard:
         self._previous = {}
 
     def _note(self, signum: int, frame: Any) -> None:
-        self.pending = signum
+        if signum not in self.pending:
+            self.pending.append(signum)
 
-    def forward(self) -> None:
-        """Hand the pending signal to the previous handler (the checkpoint is written)."""
-        signum, self.pending = self.pending, None
-        if signum is None:
-            return
-        name = signal.Signals(signum).name
-        previous = self._previous.get(signum, signal.SIG_DFL)
-        log.warning("%s received: checkpoint written; handing the signal on", name)
-        self.received = name  # the summary names it if the handler ends the run
-        if callable(previous):
-            previous(signum, None)  # submitit: checkpoint the job, requeue it, exit
-        elif previous != signal.SIG_IGN:
-            raise SystemExit(128 + signum)
-        self.received = None  # ignored or bypassed (submitit bypasses SIGTERM): training goes on
+    def take(self) -> list[int]:
+        """The signals noted so far (taken before the checkpoint that answers them is written)."""
+        taken, self.pending = self.pending, []
+        return taken
+
+    def forward(self, signums: Sequence[int], saved: bool) -> None:
+        """Hand ``signums`` to the handlers installed before, SIGTERM first.
+
+        SIGTERM goes first because submitit only logs it (bypass) and acts on its own user signal,
+        which requeues and exits: forwarded last, it is never lost behind the other.
+        """
+        for signum in sorted(signums, key=lambda s: s != signal.SIGTERM):
+            name = signal.Signals(signum).name
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            log.warning(
+                "%s received: %s; handing the signal on",
+                name,
+                "checkpoint written" if saved else "no checkpoints",
+            )
+            self.received = name  # the summary names it if the handler ends the run
+            if callable(previous):
+                previous(signum, None)  # submitit: checkpoint the job, requeue it, exit
+            elif previous != signal.SIG_IGN:
+                raise SystemExit(128 + signum)
+            self.received = None  # ignored or bypassed (submitit bypasses SIGTERM): training goes on
 
 
 def _check_space(run_dir: Path, model: nn.Module, checkpoints: bool) -> None:
@@ -437,9 +449,10 @@ def train(
             model.load_state_dict(resume["model"])
             method.load_state_dict(resume["method"])
         slots = method.configure_optimizers(model, schedule, plan)
-        if resume is not None:
+        if resume is None:
+            _check_slots(model, slots)
+        else:  # the layout the run had (a method may leave parameters out on purpose, e.g. new paths)
             _restore_optimizers(model, slots, resume["optimizers"])
-        _check_slots(model, slots)
         _check_space(run_dir, model, checkpointing is not None)
         running = _Running.zeros(device)
         epoch_generator = generator.get_state()
@@ -448,8 +461,14 @@ def train(
             pos = _Position(**resume["position"])
             generator.set_state(resume["data"]["generator"])
             epoch_generator = resume["data"]["epoch_generator"]
-            if resume["running"] is not None:
-                running = _Running(**resume["running"])
+            if resume["running"] is not None:  # loaded on the CPU; the sums live on the device
+                saved = resume["running"]
+                running = _Running(
+                    saved["loss"].to(device),
+                    saved["correct"].to(device),
+                    saved["seen"],
+                    {k: v.to(device) for k, v in saved["extras"].items()},
+                )
             record.restore(resume["record"]["rows"], resume["record"]["events"])
             summary.update(resume["summary"])
             best = dict(summary["best"])
@@ -464,6 +483,7 @@ def train(
         def save_checkpoint() -> None:
             if checkpointing is None:
                 return
+            record.sync()
             ckpt.save(
                 run_dir / ckpt.CHECKPOINT_NAME,
                 {
@@ -543,9 +563,11 @@ def train(
                             raise Diverged(f"non-finite gradient at {where}")
                         for sink in sinks:
                             sink.progress(pos.step, {"loss": live["train_loss"], "acc": live["train_acc"]})
-                    if guard.pending is not None:
+                    if guard.pending:
+                        signums = guard.take()
+                        _check_finite(running.means(), where)  # never replace a good checkpoint by NaNs
                         save_checkpoint()
-                        guard.forward()
+                        guard.forward(signums, checkpointing is not None)
                 train_metrics = _check_finite(running.means(), f"epoch {epoch + 1}")
                 if not _grads_finite(slots):
                     raise Diverged(f"non-finite gradient in epoch {epoch + 1}")
@@ -580,9 +602,10 @@ def train(
                     summary["final"] = {k: row[k] for k in METRIC_KEYS}
                     summary["best"] = best
                 every = checkpointing.every if checkpointing is not None else 0
-                if last or (every and (epoch + 1) % every == 0) or guard.pending is not None:
+                signums = guard.take()
+                if last or (every and (epoch + 1) % every == 0) or signums:
                     save_checkpoint()
-                guard.forward()
+                guard.forward(signums, checkpointing is not None)
         if method.finalize(model):
             summary["before_finalize"] = summary["final"]
             train_eval = evaluate(
@@ -603,7 +626,9 @@ def train(
         summary["status"] = "completed"
     except Diverged as exc:
         summary["status"] = "diverged"
-        kept = "metrics so far and the last checkpoint are kept" if checkpointing else "metrics so far are kept"
+        kept = (
+            "metrics so far and the last checkpoint are kept" if checkpointing else "metrics so far are kept"
+        )
         summary["error"] = f"{exc}; {kept}"
         with contextlib.suppress(Exception):  # the parameter counts of the network as it stopped
             summary["params"] = method.count_parameters(model).as_dict()
@@ -612,8 +637,12 @@ def train(
         if guard.received is not None:
             summary["interrupted"] = guard.received
             summary["error"] = (
-                f"interrupted by {guard.received} at step {pos.step} (epoch {pos.epoch + 1}); the "
-                f"checkpoint is written: the run continues with resume={run_dir}"
+                f"interrupted by {guard.received} at step {pos.step} (epoch {pos.epoch + 1})"
+                + (
+                    f"; the checkpoint is written: the run continues with resume={run_dir}"
+                    if checkpointing
+                    else ""
+                )
             )
         else:
             summary["error"] = f"{type(exc).__name__}: {exc}"

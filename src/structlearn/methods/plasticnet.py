@@ -276,6 +276,14 @@ class PlasticNet(Method):
             "untrained": sorted(self._untrained),
             "generator": self._generator.get_state(),
             "log": json.loads(json.dumps(self._log)),  # plain containers, loadable with weights_only
+            # Untrained paths are in no optimiser, so nothing zeroes their gradients: they add up
+            # over steps and feed the `gradient` criterion. A resumed run needs them.
+            "untrained_grads": {
+                f"{pid}.{name}": p.grad.detach().clone()
+                for pid in sorted(self._untrained)
+                for name, p in self._model.paths[pid].named_parameters()
+                if p.grad is not None
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -284,6 +292,10 @@ class PlasticNet(Method):
         self._untrained = set(state["untrained"])
         self._generator.set_state(state["generator"])
         self._log = list(state["log"])
+        for key, grad in state.get("untrained_grads", {}).items():
+            pid, name = key.split(".", 1)
+            param = self._model.paths[pid].get_parameter(name)
+            param.grad = grad.to(param.device)
 
     # -- helpers ----------------------------------------------------------------------------------
 
