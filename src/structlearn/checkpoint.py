@@ -34,7 +34,16 @@ FORMAT_VERSION = 1
 # Config keys that may differ between a checkpoint and the run that resumes it: they change where
 # and how the run is recorded or scheduled, never what it computes; and the device (a requeued job
 # may land on another node; bit-identical results are only promised on the same device type).
-RESUMABLE_DIFFERENCES = ("resume", "logger", "threads", "checkpoint", "analysis", "device")
+RESUMABLE_DIFFERENCES = (
+    "resume",
+    "logger",
+    "threads",
+    "checkpoint",
+    "analysis",
+    "device",
+    "dataset.root",  # where the data lives on this node
+    "dataset.download",
+)
 
 
 class CheckpointMismatch(ValueError):
@@ -156,17 +165,18 @@ def config_differences(
     Args:
         saved: the resolved config stored in the checkpoint.
         current: the resolved config of the run that wants to resume it.
-        ignore: top-level keys (and their subtrees) allowed to differ.
+        ignore: dotted keys (and their subtrees) allowed to differ.
         only: if given, compare only these dotted keys and their subtrees (e.g. the keys the user
             set on the command line).
     """
     ignore = tuple(ignore)
     a, b = flatten(saved), flatten(current)
 
+    def under(key: str, prefixes: Iterable[str]) -> bool:
+        return any(key == k or key.startswith(f"{k}.") for k in prefixes)
+
     def wanted(key: str) -> bool:
-        if key.split(".", 1)[0] in ignore:
-            return False
-        return only is None or any(key == k or key.startswith(f"{k}.") for k in only)
+        return not under(key, ignore) and (only is None or under(key, only))
 
     lines = []
     for key in sorted(set(a) | set(b)):
