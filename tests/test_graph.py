@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from structlearn.analysis.graph import (
@@ -17,6 +18,8 @@ from structlearn.analysis.graph import (
     to_networkx,
     write_graph,
 )
+from structlearn.analysis.motifs import motif_census
+from structlearn.analysis.null import randomize
 from structlearn.analysis.topology import (
     churn,
     degree_distributions,
@@ -29,8 +32,9 @@ from structlearn.methods import GMP, SET, Dense, MorphoNet, RigL, Static
 from structlearn.methods.base import Plan
 from structlearn.methods.plasticnet import PlasticNet
 from structlearn.methods.urn import URN
-from structlearn.models import MLP, ResNet
+from structlearn.models import MLP, ResNet, WideResNet
 from structlearn.models.plastic import PlasticResNet
+from structlearn.models.resnet50 import ResNet50
 from structlearn.models.urn import URN as URNModel
 
 CPU = torch.device("cpu")
@@ -88,7 +92,7 @@ def test_layers_that_do_not_chain_raise_and_models_that_do_not_chain_give_none()
         layered_graph([("fc1", W1), ("fc2", W2), ("fc3", W1.T)])
     flat = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))  # C x H x W features
     assert model_graph(flat) is None
-    assert model_graph(ResNet((3, 8, 8), 4, widths=[4, 8], blocks=1)) is None  # residual adds
+    assert model_graph(Concat()) is None  # branches that are concatenated: not a channel flow
     assert model_graph(nn.Sequential(nn.ReLU())) is None  # no Linear or Conv2d
     pooled = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
@@ -131,6 +135,206 @@ def test_signed_graph_parts_subgraph_and_parallel_edges():
     sub = layered.subgraph(np.array([1, 3, 5]))
     assert edge_dict(sub) == {(0, 1): 3.0, (1, 2): -1.0}
     assert sub.layers.tolist() == [0, 1, 2] and sub.node_attrs["unit"].tolist() == [1, 1, 0]
+
+
+# -- residual networks: the channel-flow graph ---------------------------------------------------
+
+
+class TinyResidual(nn.Module):
+    """conv1 -> bn -> relu -> conv2 -> bn, plus the input (identity) or a 1x1 conv of it, -> pool -> head."""
+
+    def __init__(self, project: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(2)
+        self.conv2 = nn.Conv2d(2, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2)
+        self.shortcut = nn.Conv2d(2, 2, 1, bias=False) if project else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(2, 1)
+        with torch.no_grad():
+            self.conv1.weight.copy_(torch.tensor([[1.0, 0.0], [-2.0, 3.0]]).view(2, 2, 1, 1))
+            self.conv2.weight.copy_(torch.tensor([[0.5, 0.0], [0.0, -1.0]]).view(2, 2, 1, 1))
+            self.head.weight.copy_(torch.tensor([[4.0, -1.0]]))
+            if project:
+                self.shortcut.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.0]]).view(2, 2, 1, 1))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x)).relu()))
+        out += self.shortcut(x)
+        return self.head(torch.flatten(self.pool(F.relu(out)), 1))
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], dim=1).mean(dim=(2, 3)))
+
+
+class Gated(nn.Module):
+    """A conv map multiplied by the input: a product of two tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 3, 1), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head((self.conv(x) * x).mean(dim=(2, 3)))
+
+
+class Unpooled(nn.Module):
+    """A residual conv block read by a Linear over its C x H x W features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 3, 1), nn.Linear(3 * 2 * 2, 2)
+
+    def forward(self, x):
+        return self.head((x + self.conv(x)).flatten(1))
+
+
+def small_resnet(seed=0):
+    torch.manual_seed(seed)
+    return ResNet(
+        (3, 8, 8), 10, widths=[4, 8], blocks=1
+    )  # stage 0: identity shortcut, stage 1: 1x1 projection
+
+
+def active_pairs(model, masks=None):
+    """(in, out) channel pairs with an active tap whose active taps do not sum to zero, over every layer."""
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            w = module.weight.detach()
+            on = (w != 0) & (masks or {}).get(name, torch.ones_like(w, dtype=torch.bool))
+            if w.dim() == 4:
+                on = on.any(dim=(2, 3)) & ((w * on).sum(dim=(2, 3)) != 0)
+            total += int(on.sum())
+    return total
+
+
+def test_residual_block_gives_layer_edges_and_identity_edges_of_weight_one():
+    graph = model_graph(TinyResidual())
+    # nodes: input 0, 1 | conv1 2, 3 | the sum (conv2's nodes) 4, 5 | head 6
+    assert edge_dict(graph) == {
+        (0, 2): 1.0,
+        (0, 3): -2.0,
+        (1, 3): 3.0,
+        (2, 4): 0.5,
+        (3, 5): -1.0,
+        (0, 4): 1.0,  # identity shortcut: channel k of the input -> channel k of the sum
+        (1, 5): 1.0,
+        (4, 6): 4.0,
+        (5, 6): -1.0,
+    }
+    assert graph.kind == "layered" and graph.layers.tolist() == [0, 0, 1, 1, 2, 2, 3]
+    assert graph.layer_names == ("input", "conv1", "conv2", "head")
+    assert graph.node_attrs["unit"].tolist() == [0, 1, 0, 1, 0, 1, 0]
+    assert graph.node_attrs["role"].tolist() == [0, 0, 1, 1, 1, 1, 2]
+    stats = {(p.source, p.target): p.edges for p in layer_stats(graph).pairs}
+    assert stats[("input", "conv2")] == 2 and possible_edges(graph) == 2 * 2 + 2 * 2 + 2 * 1 + 2 * 2 + 2 + 2
+
+
+def test_a_projection_shortcut_lands_its_edges_on_the_sum():
+    graph = model_graph(TinyResidual(project=True))
+    assert edge_dict(graph) == {
+        (0, 2): 1.0,
+        (0, 3): -2.0,
+        (1, 3): 3.0,
+        (2, 4): 0.5,
+        (3, 5): -1.0,
+        (0, 4): 2.0,  # the shortcut conv's only non-zero weight, no identity edges
+        (4, 6): 4.0,
+        (5, 6): -1.0,
+    }
+    assert graph.layers.tolist() == [0, 0, 1, 1, 2, 2, 3]
+    assert graph.layer_names == ("input", "conv1", "conv2+shortcut", "head")
+    mask = torch.zeros(2, 2, 1, 1, dtype=torch.bool)
+    assert (0, 4) not in edge_dict(model_graph(TinyResidual(project=True), {"shortcut": mask}))
+
+
+def test_resnet_graph_has_every_active_channel_pair_and_its_identity_shortcut():
+    model = small_resnet()
+    graph = model_graph(model)
+    assert graph.layer_names == (
+        "input",
+        "stem.0",
+        "stages.0.conv1",
+        "stages.0.conv2",
+        "stages.1.conv1",
+        "stages.1.conv2+stages.1.shortcut.0",
+        "head",
+    )
+    assert np.bincount(graph.layers).tolist() == [3, 4, 4, 4, 8, 8, 10]
+    assert graph.num_edges == active_pairs(model) + 4  # + 4 identity edges (stage 0)
+    src, dst, weight = graph.edges()
+    skip = (graph.layers[src] == 1) & (graph.layers[dst] == 3)  # stem -> the stage-0 sum
+    assert weight[skip].tolist() == [1.0] * 4
+    assert (graph.node_attrs["unit"][src[skip]] == graph.node_attrs["unit"][dst[skip]]).all()
+    assert graph.node_attrs["role"].tolist() == [0] * 3 + [1] * 28 + [2] * 10
+    masks = {"stages.0.conv1": torch.rand(4, 4, 3, 3) < 0.3, "head": torch.rand(10, 8) < 0.5}
+    masked = model_graph(model, masks)
+    assert masked.num_edges == active_pairs(model, masks) + 4 < graph.num_edges
+    with pytest.raises(ValueError, match=r"masks for \['nowhere'\]"):
+        model_graph(model, {"nowhere": masks["head"]})
+
+
+def test_wide_resnet_and_resnet50_give_channel_flow_graphs():
+    wide = WideResNet((3, 8, 8), 10, depth=10, widen_factor=1, dropout=0.1)
+    graph = model_graph(wide)
+    assert graph.num_edges == active_pairs(wide) + 16  # stage 0 keeps 16 channels: identity shortcut
+    assert graph.layer_names[-1] == "head" and len(graph.layer_names) == 9
+    deep = ResNet50((3, 8, 8), 10, widths=[2, 4], blocks=[1, 1], expansion=2, stem_width=4, stem="seed")
+    graph = model_graph(deep)
+    assert graph.num_edges == active_pairs(deep) + 4  # the first block keeps 4 channels
+    assert graph.layer_names[4] == "stages.0.body.conv3.0" and graph.layers.max() == 8
+
+
+def test_grouped_convs_join_each_group_to_its_own_channels():
+    chain = nn.Sequential(
+        nn.Conv2d(4, 4, 1, groups=2, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1)
+    )
+    with torch.no_grad():
+        chain[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]).view(4, 2, 1, 1))
+        chain[3].weight.fill_(1.0)
+    edges = edge_dict(model_graph(chain))
+    # out-channels 0, 1 read in-channels 0, 1; out-channels 2, 3 read in-channels 2, 3
+    assert {k: v for k, v in edges.items() if k[1] < 8} == {
+        (0, 4): 1.0,
+        (1, 4): 2.0,
+        (0, 5): 3.0,
+        (1, 5): 4.0,
+        (2, 6): 5.0,
+        (3, 6): 6.0,
+        (2, 7): 7.0,
+        (3, 7): 8.0,
+    }
+    depthwise = nn.Sequential(
+        nn.Conv2d(3, 3, 3, groups=3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)
+    )
+    src, dst, _ = model_graph(depthwise).edges()
+    assert [(s, d) for s, d in zip(src, dst, strict=True) if d < 6] == [(0, 3), (1, 4), (2, 5)]
+    assert model_graph(nn.Conv2d(4, 4, 1, groups=2)) is None  # a lone grouped conv: no graph
+
+
+def test_what_the_channel_flow_does_not_cover_gives_none():
+    assert model_graph(Concat()) is None
+    assert model_graph(Gated()) is None  # a product of two tensors
+    assert model_graph(Unpooled()) is None  # C x H x W features
+
+
+def test_motifs_and_null_model_read_the_resnet_graph():
+    graph = model_graph(small_resnet())
+    census = motif_census(graph)
+    assert census["ffl"] > 0  # input -> conv1 -> sum with the skip input -> sum
+    null = randomize(graph, 0)
+    assert null.num_edges == graph.num_edges and np.array_equal(null.layers, graph.layers)
+    assert [(p.source, p.target, p.edges) for p in layer_stats(null).pairs] == [
+        (p.source, p.target, p.edges) for p in layer_stats(graph).pairs
+    ]
 
 
 # -- exports --------------------------------------------------------------------------------------
@@ -266,10 +470,24 @@ def test_masked_graph_has_exactly_the_masked_in_weights(make):
     assert method.graph(model).num_edges == graph.num_edges - 1
 
 
-def test_masked_graph_is_none_for_a_residual_network():
-    method = Static(density=0.5)
-    model = method.prepare(ResNet((3, 8, 8), 4, widths=[4, 8], blocks=1), PLAN)
-    assert method.graph(model) is None
+@pytest.mark.parametrize("make", [lambda: Static(density=0.5), RigL])
+def test_masked_graph_of_a_residual_network_has_the_masked_in_channel_pairs(make):
+    method = make()
+    model = method.prepare(small_resnet(), PLAN)
+    masks = {name.removesuffix(".weight"): mask for name, mask in method.masks.items()}
+    graph = method.graph(model)
+    assert graph.num_edges == active_pairs(model, masks) + 4  # + the identity shortcut of stage 0
+    masks["stages.0.conv2"][:] = False  # the hook reads the method's masks: this layer has no edge left
+    pruned = method.graph(model)
+    assert pruned.num_edges == active_pairs(model, masks) + 4 < graph.num_edges
+    assert possible_edges(pruned) == possible_edges(graph)
+
+
+def test_morphonet_graph_of_a_residual_network_follows_the_hard_masks():
+    method = MorphoNet(init_density=0.5, include_conv=True)
+    model = method.prepare(small_resnet(), PLAN)
+    hard = {name: layer.hard_mask() for name, layer in method.layers.items()}
+    assert method.graph(model).num_edges == active_pairs(model, hard) + 4
 
 
 def test_morphonet_graph_follows_the_hard_masks_before_and_after_the_prune():

@@ -1,8 +1,10 @@
 """Runs that survive: a run killed with SIGKILL anywhere and resumed ends exactly like an uninterrupted one.
 
-Each killed run is a forked child of the test process (so it starts in milliseconds, with every
-module already imported) that sends itself SIGKILL at a chosen point: after a random training
-step, in the middle of writing a checkpoint, or in the middle of writing a metrics row. The
+Each killed run is a child forked from a fork server (so it starts in milliseconds, with torch and
+structlearn already imported) that sends itself SIGKILL at a chosen point: after a random training
+step, in the middle of writing a checkpoint, or in the middle of writing a metrics row. The fork
+server is a clean process that never computed anything: a child forked from the pytest process
+itself would inherit torch's OpenMP thread pool, and hang at its first parallel operation. The
 parent then resumes the run in the same directory and compares it with a reference run of the
 same config: the whole ``metrics.csv`` (every column but the wall-clock ``time_s``), ``events.jsonl``,
 the summary's metrics and the final weights must be identical.
@@ -15,6 +17,7 @@ import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from torch import nn
 
 import structlearn.checkpoint as ckpt
@@ -35,7 +39,7 @@ import structlearn.runner
 from structlearn.data import moons
 from structlearn.methods import Method
 from structlearn.models import MLP
-from structlearn.run import execute, with_saved_overrides
+from structlearn.run import CONF_DIR, execute, with_saved_overrides
 from structlearn.runner import Checkpointing, OutOfMemory, train
 from structlearn.schedules import LRSchedule, TrainSchedule
 from structlearn.utils import ConfigError
@@ -43,11 +47,23 @@ from structlearn.utils import ConfigError
 from .conftest import PYTHON, TOY_SIZES
 from .test_cli import cli
 
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(["torch", "structlearn.run", __name__])
+
 CLI_RUN = ["logger=none", "device=cpu", "threads=1", "dataset.n_samples=200", "schedule.epochs=3"]
 shutil_usage = namedtuple("usage", "total used free")
 
-# Tiny runs with a checkpoint after every epoch, so kills land before, between and after them.
-BASE = ["logger=none", "device=cpu", "checkpoint.every=1", "schedule.epochs=4", "analysis.randomizations=3"]
+# Tiny runs with a checkpoint after every epoch, so kills land before, between and after them. One
+# thread: some multi-threaded CPU kernels do not add up in a fixed order, and bit-identical results
+# are only promised for the same device and thread count.
+BASE = [
+    "logger=none",
+    "device=cpu",
+    "threads=1",
+    "checkpoint.every=1",
+    "schedule.epochs=4",
+    "analysis.randomizations=3",
+]
 RUNS = {
     # dropout draws from torch's global generator: its state must be restored too
     "dense": [
@@ -160,19 +176,32 @@ def _during_row(n: int) -> None:
 KILLS = {"step": _after_steps, "checkpoint": _during_checkpoint, "row": _during_row}
 
 
-def _killed_run(cfg, run_dir: Path, kind: str, n: int, resume: bool = False) -> None:
-    """Run ``cfg`` in a forked child that SIGKILLs itself at the chosen point; wait for it to die."""
-    pid = os.fork()
-    if pid == 0:  # the child: arm the kill, run, and never return into pytest
-        try:
-            KILLS[kind](n)
-            execute(cfg, run_dir)
-        finally:
-            os._exit(3)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
-        f"the child was meant to die by SIGKILL at {kind} {n} but exited with status {status}"
-    )
+def _child(overrides: list[str], run_dir: str, kill: tuple[str, int] | None, sigterm_at: int | None) -> None:
+    """In a child of the fork server: compose the config, arm the kill or the signal, run."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    if kill is not None:
+        KILLS[kill[0]](kill[1])
+    if sigterm_at is not None:
+        structlearn.runner.train_step = _step_then(sigterm_at, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    execute(cfg, Path(run_dir))
+
+
+def _in_child(overrides: list[str], run_dir: Path, kill=None, sigterm_at=None) -> int:
+    """Run in a forked child and wait for it; returns its exit code (-N: killed by signal N)."""
+    proc = FORKS.Process(target=_child, args=(list(overrides), str(run_dir), kill, sigterm_at))
+    proc.start()
+    proc.join(timeout=300)
+    if proc.is_alive():
+        proc.kill()
+        raise AssertionError(f"the child running {overrides} did not end within 300 s")
+    return proc.exitcode
+
+
+def _killed_run(overrides: list[str], run_dir: Path, kind: str, n: int) -> None:
+    """Run in a child that SIGKILLs itself at the chosen point; wait for it to die."""
+    code = _in_child(overrides, run_dir, kill=(kind, n))
+    assert code == -signal.SIGKILL, f"the child was meant to die by SIGKILL at {kind} {n}, exit code {code}"
 
 
 def _metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -233,7 +262,6 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(
     make_cfg, tmp_path, references, tmp_path_factory, name
 ):
     reference = _reference(make_cfg, references, tmp_path_factory, name)
-    cfg = make_cfg(*BASE, *RUNS[name])
     total_steps = int(_metrics(reference)[-1]["step"])
     rng = random.Random(f"kill points {name}")
     kills = [
@@ -243,7 +271,7 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(
     ]
     for i, (kind, n) in enumerate(kills):
         run_dir = tmp_path / f"{kind}{i}"
-        _killed_run(cfg, run_dir, kind, n)
+        _killed_run([*BASE, *RUNS[name]], run_dir, kind, n)
         assert (run_dir / "summary.json").exists() is False or json.loads(
             (run_dir / "summary.json").read_text()
         )["status"] != "completed"
@@ -254,17 +282,20 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(
 
 def test_killed_twice_and_resumed_twice(make_cfg, tmp_path, references, tmp_path_factory):
     reference = _reference(make_cfg, references, tmp_path_factory, "rigl")
-    cfg = make_cfg(*BASE, *RUNS["rigl"])
-    _killed_run(cfg, tmp_path, "step", 5)
-    _killed_run(cfg, tmp_path, "step", 7)  # the second process resumes (its own checkpoint) and dies too
-    summary = execute(cfg, tmp_path)  # no resume=: a run directory with a checkpoint continues
+    overrides = [*BASE, *RUNS["rigl"]]
+    _killed_run(overrides, tmp_path, "step", 5)
+    _killed_run(
+        overrides, tmp_path, "step", 7
+    )  # the second process resumes (its own checkpoint) and dies too
+    summary = execute(
+        make_cfg(*overrides), tmp_path
+    )  # no resume=: a run directory with a checkpoint continues
     assert summary["status"] == "completed"
     _assert_same_run(tmp_path, reference)
 
 
-def test_a_kill_during_the_first_checkpoint_leaves_nothing_to_resume(make_cfg, tmp_path):
-    cfg = make_cfg(*BASE, *RUNS["dense"])
-    _killed_run(cfg, tmp_path, "checkpoint", 1)
+def test_a_kill_during_the_first_checkpoint_leaves_nothing_to_resume(tmp_path):
+    _killed_run([*BASE, *RUNS["dense"]], tmp_path, "checkpoint", 1)
     assert ckpt.find(tmp_path) is None  # the half-written file never took the checkpoint's name
     assert not list(tmp_path.glob(f"*{ckpt.CHECKPOINT_NAME}"))
 
@@ -277,21 +308,10 @@ def test_sigterm_checkpoints_mid_epoch_exits_143_and_resumes_exactly(
     make_cfg, tmp_path, references, tmp_path_factory, name
 ):
     reference = _reference(make_cfg, references, tmp_path_factory, name)
-    cfg = make_cfg(*BASE, *RUNS[name], "checkpoint.every=0")  # no epoch checkpoints: only the signal's
+    overrides = [*BASE, *RUNS[name], "checkpoint.every=0"]  # no epoch checkpoints: only the signal's
     per_epoch = int(_metrics(reference)[0]["step"])
     step = random.Random(f"sigterm {name}").randrange(per_epoch + 1, 2 * per_epoch)  # inside epoch 2
-    pid = os.fork()
-    if pid == 0:
-        code = 3
-        try:
-            structlearn.runner.train_step = _step_then(step, lambda: os.kill(os.getpid(), signal.SIGTERM))
-            execute(cfg, tmp_path)
-        except SystemExit as exc:
-            code = exc.code
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 128 + signal.SIGTERM
+    assert _in_child(overrides, tmp_path, sigterm_at=step) == 128 + signal.SIGTERM
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["interrupted"] == "SIGTERM"
     assert f"resume={tmp_path}" in summary["error"]

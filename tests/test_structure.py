@@ -79,6 +79,20 @@ def test_every_method_family_is_analysed(make_cfg, tmp_path, method):
     assert head["edges"] > 0 and (tmp_path / "structure" / "graph.npz").exists()
 
 
+def test_a_residual_network_is_analysed_through_its_channel_flow_graph(make_cfg, tmp_path):
+    overrides = ["method=rigl", "model=resnet", "model.widths=[4]", "model.blocks=1", "dataset=digits"]
+    summary = execute(
+        make_cfg(*RUN[:2], "schedule.epochs=1", *overrides, "analysis.randomizations=2"), tmp_path
+    )
+    head = summary["structure_analysis"]
+    assert "error" not in head and "skipped" not in head and head["count/ffl"] > 0
+    graph = read_graph(tmp_path / "structure" / "graph.npz")
+    assert graph.layer_names == ("input", "stem.0", "stages.0.conv1", "stages.0.conv2", "head")
+    src, dst, weight = graph.edges()
+    skip = (graph.layers[src] == 1) & (graph.layers[dst] == 3)  # the identity shortcut, weight +1
+    assert weight[skip].tolist() == [1.0] * 4
+
+
 def test_structlearn_analyze_reproduces_the_runs_own_analysis_from_its_checkpoint(make_cfg, tmp_path):
     runs = tmp_path / "sweep"
     for seed in (0, 1):

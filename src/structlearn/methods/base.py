@@ -191,11 +191,11 @@ class Method:
     def graph(self, model: nn.Module) -> SignedGraph | None:
         """The graph of the active connections of the network used for evaluation.
 
-        The default is the layered graph of the model's Linear and Conv2d layers, an edge for every
-        non-zero weight (:func:`~structlearn.analysis.graph.model_graph`); None, without an error,
-        when those layers do not form a chain (no such layer, a residual or branching forward, a
-        conv map flattened into a Linear). Methods whose active connections are not the non-zero
-        weights (masks, gates) override it.
+        The default is the graph of the model's Linear and Conv2d layers, an edge for every
+        non-zero weight (:func:`~structlearn.analysis.graph.model_graph`): layered for chains,
+        a channel-flow graph with +1 identity edges for residual conv nets; None, without an
+        error, for a forward it cannot read (concatenation, a conv map flattened into a Linear).
+        Methods whose active connections are not the non-zero weights (masks, gates) override it.
         """
         return model_graph(model)
 

@@ -96,7 +96,7 @@ class MaskedMethod(Method):
 
         A connection masked in at exactly zero (grown at zero, not yet updated) is not an edge
         (:func:`~structlearn.analysis.graph.layered_graph`); layers kept dense count every
-        non-zero weight. None when the model's layers do not form a chain.
+        non-zero weight. None when :func:`~structlearn.analysis.graph.model_graph` cannot read the model's forward.
         """
         active = {name.removesuffix("weight").removesuffix("."): mask for name, mask in self.masks.items()}
         return model_graph(model, active)

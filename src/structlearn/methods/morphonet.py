@@ -350,7 +350,7 @@ class MorphoNet(Method):
         """The layered graph through the hard masks L > 0, weighted by W (the pruned network).
 
         An edge where the hard mask is on and W is non-zero; the dense head counts every non-zero
-        weight. None when the model's layers do not form a chain.
+        weight. None when :func:`~structlearn.analysis.graph.model_graph` cannot read the model's forward.
         """
         return model_graph(model, {name: layer.hard_mask() for name, layer in self.layers.items()})
 
