@@ -284,13 +284,10 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(
 def test_killed_twice_and_resumed_twice(make_cfg, tmp_path, references, tmp_path_factory):
     reference = _reference(make_cfg, references, tmp_path_factory, "rigl")
     overrides = [*BASE, *RUNS["rigl"]]
-    _killed_run(overrides, tmp_path, "step", 5)
-    _killed_run(
-        overrides, tmp_path, "step", 7
-    )  # the second process resumes (its own checkpoint) and dies too
-    summary = execute(
-        make_cfg(*overrides), tmp_path
-    )  # no resume=: a run directory with a checkpoint continues
+    _killed_run(overrides, tmp_path, "step", 5)  # 3 steps per epoch: in epoch 2, after one checkpoint
+    _killed_run(overrides, tmp_path, "step", 3)  # resumes at step 3 from its own checkpoint, dies at step 6
+    # no resume=: a run directory with a checkpoint continues by itself
+    summary = execute(make_cfg(*overrides), tmp_path)
     assert summary["status"] == "completed"
     _assert_same_run(tmp_path, reference)
 
