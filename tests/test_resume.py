@@ -519,22 +519,8 @@ def test_checkpoint_every_is_validated(make_cfg, tmp_path):
 def test_resume_from_the_command_line_needs_only_the_run_directory(make_cfg, tmp_path):
     """Started with overrides, stopped by SIGTERM, resumed with `resume=<dir>` alone: same rows."""
     run_dir, reference = tmp_path / "run", tmp_path / "reference"
-    long_run = [
-        *CLI_RUN,
-        "dataset.n_samples=1000",
-        "schedule.batch_size=8",
-        "schedule.epochs=15",
-        "checkpoint.every=0",
-    ]
-    assert execute(make_cfg(*long_run), reference)["status"] == "completed"
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "structlearn", *long_run, f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path,
-        env={**os.environ, "WANDB_MODE": "disabled"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    assert execute(make_cfg(*LONG_RUN), reference)["status"] == "completed"
+    proc = _start_cli(*LONG_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     _wait_for_rows(run_dir, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -549,6 +535,28 @@ def test_resume_from_the_command_line_needs_only_the_run_directory(make_cfg, tmp
     assert different.returncode == 2 and "schedule.epochs: 15 in the checkpoint, now 50" in different.stderr
     again = cli(f"resume={run_dir}", cwd=tmp_path)  # the refused command changed nothing
     assert again.returncode == 0 and "already completed" in again.stdout + again.stderr
+
+
+# A run long enough (about 2 s of training) to be interrupted from outside while it trains.
+LONG_RUN = [
+    *CLI_RUN,
+    "dataset.n_samples=1000",
+    "schedule.batch_size=8",
+    "schedule.epochs=15",
+    "checkpoint.every=0",
+]
+
+
+def _start_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``python -m structlearn *args`` without waiting (output collected for the assertion messages)."""
+    return subprocess.Popen(
+        [PYTHON, "-m", "structlearn", *args],
+        cwd=cwd,
+        env={**os.environ, "WANDB_MODE": "disabled", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -603,29 +611,14 @@ def test_submitit_preemption_checkpoints_requeues_and_resumes(make_cfg, tmp_path
     """
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep, reference = tmp_path / "sweep", tmp_path / "reference"
-    run = [
-        *CLI_RUN,
-        "dataset.n_samples=1000",
-        "schedule.batch_size=8",
-        "schedule.epochs=15",
-        "checkpoint.every=0",
-    ]
-    assert execute(make_cfg(*run), reference)["status"] == "completed"
-    proc = subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "structlearn",
-            "-m",
-            "hydra/launcher=submitit_local",
-            f"hydra.sweep.dir={sweep}",
-            *run,
-        ],
+    assert execute(make_cfg(*LONG_RUN), reference)["status"] == "completed"
+    proc = _start_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        f"hydra.sweep.dir={sweep}",
+        *LONG_RUN,
         cwd=tmp_path,
-        env={**os.environ, "WANDB_MODE": "disabled", "SUBMITIT_PREEMPT_SIGNAL": "USR1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        env={"SUBMITIT_PREEMPT_SIGNAL": "USR1"},
     )
     job = sweep / "0"
     _wait_for_rows(job, 2, proc)
