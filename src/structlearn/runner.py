@@ -539,12 +539,12 @@ def train(
                 for b, (x, y) in enumerate(data.train_batches(schedule.batch_size, generator)):
                     if b < pos.batch:
                         continue
-                    where = f"step {pos.step + 1} (epoch {epoch + 1})"
                     try:
                         loss, logits, extras, event = train_step(
                             model, method, slots, x, y, pos.step, device, precision
                         )
                     except torch.OutOfMemoryError as exc:
+                        where = f"step {pos.step + 1} (epoch {epoch + 1})"
                         raise _out_of_memory(exc, names, model, schedule.batch_size, where, device) from exc
                     running.loss += loss.detach() * len(y)
                     running.correct += (logits.detach().argmax(dim=1) == y).sum()
@@ -558,6 +558,7 @@ def train(
                         for sink in sinks:
                             sink.event(event, pos.step)
                     if pos.step % refresh == 0:
+                        where = f"step {pos.step} (epoch {epoch + 1})"
                         live = _check_finite(running.means(), where)
                         if not _grads_finite(slots):
                             raise Diverged(f"non-finite gradient at {where}")
@@ -565,7 +566,8 @@ def train(
                             sink.progress(pos.step, {"loss": live["train_loss"], "acc": live["train_acc"]})
                     if guard.pending:
                         signums = guard.take()
-                        _check_finite(running.means(), where)  # never replace a good checkpoint by NaNs
+                        # never replace a good checkpoint by NaNs
+                        _check_finite(running.means(), f"step {pos.step} (epoch {epoch + 1})")
                         save_checkpoint()
                         guard.forward(signums, checkpointing is not None)
                 train_metrics = _check_finite(running.means(), f"epoch {epoch + 1}")
