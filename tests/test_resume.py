@@ -65,6 +65,17 @@ BASE = [
     "schedule.epochs=3",
     "analysis.randomizations=3",
 ]
+PLASTIC = [
+    "method=plasticnet",
+    "dataset=moons",
+    *TOY_SIZES["moons"],
+    "model.stem_width=4",
+    "model.widths=[8,8,16,16]",
+    "model.stage_slots=[2,2,2,2]",
+    "model.max_paths=6",
+    "schedule.batch_size=32",
+    "method.rewire_every=2",
+]
 RUNS = {
     # dropout draws from torch's global generator: its state must be restored too
     "dense": [
@@ -83,31 +94,9 @@ RUNS = {
         "analysis.every=1",
     ],
     "urn": ["method=urn", "dataset=spheres", *TOY_SIZES["spheres"], "model.size=40"],
-    "plasticnet": [
-        "method=plasticnet",
-        "dataset=moons",
-        *TOY_SIZES["moons"],
-        "model.stem_width=4",
-        "model.widths=[8,8,16,16]",
-        "model.stage_slots=[2,2,2,2]",
-        "model.max_paths=6",
-        "schedule.batch_size=32",
-        "method.rewire_every=2",
-    ],
+    "plasticnet": PLASTIC,
     # the seed's variant: new paths untrained (in no optimiser, their gradients add up) and the gradient criterion
-    "plasticnet_untrained": [
-        "method=plasticnet",
-        "dataset=moons",
-        *TOY_SIZES["moons"],
-        "model.stem_width=4",
-        "model.widths=[8,8,16,16]",
-        "model.stage_slots=[2,2,2,2]",
-        "model.max_paths=6",
-        "schedule.batch_size=32",
-        "method.rewire_every=2",
-        "method.criterion=gradient",
-        "method.train_new_paths=false",
-    ],
+    "plasticnet_untrained": [*PLASTIC, "method.criterion=gradient", "method.train_new_paths=false"],
 }
 SUMMARY_KEYS = (
     "status",

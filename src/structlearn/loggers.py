@@ -156,18 +156,9 @@ class RunRecord:
         Rows and events written after the checkpoint (and a line half-written by a kill) are
         dropped; the run writes them again as it repeats that work.
         """
-        self.rows, self._header = [], []
-        for row in rows:
-            for key in row:
-                if key not in self._header:
-                    self._header.append(key)
-            self.rows.append(dict(row))
+        self.rows, self._header = [dict(row) for row in rows], []
         if self.rows:
-            text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=self._header)
-            writer.writeheader()
-            writer.writerows(self.rows)
-            atomic_write_text(self.metrics_path, text.getvalue())
+            self._header = write_csv(self.metrics_path, self.rows)
         else:
             self.metrics_path.unlink(missing_ok=True)
         kept = []
@@ -188,13 +179,8 @@ class RunRecord:
     def add_row(self, row: Mapping[str, float]) -> None:
         row = dict(row)
         self.rows.append(row)
-        new = [k for k in row if k not in self._header]
-        if new or not self.metrics_path.exists():
-            self._header += new
-            with self.metrics_path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self._header)
-                writer.writeheader()
-                writer.writerows(self.rows)
+        if any(k not in self._header for k in row) or not self.metrics_path.exists():
+            self._header = write_csv(self.metrics_path, self.rows)
         else:
             with self.metrics_path.open("a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self._header).writerow(row)
@@ -213,6 +199,17 @@ class RunRecord:
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.summary_path, _finite(summary))
+
+
+def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> list[str]:
+    """Write ``rows`` atomically under the union of their keys (in first-seen order); returns that header."""
+    header = list(dict.fromkeys(k for row in rows for k in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+    return header
 
 
 def _finite(obj: Any) -> Any:

@@ -103,8 +103,9 @@ def code_version() -> dict[str, Any]:
 def _resume_point(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """The checkpoint this run continues from: ``resume=<run dir>``, or its own (a requeued job).
 
-    Returns None for a fresh run. Raises :class:`ConfigError` for a missing checkpoint or one
-    written by another config or code version (the message lists the differences).
+    Returns None for a fresh run (and for a run stopped before its first checkpoint). Raises
+    :class:`ConfigError` for a resume path that is not this run's directory, an unreadable
+    checkpoint, or one written by another config or code version (listing the differences).
     """
     explicit = cfg.get("resume")
     if explicit:
@@ -116,22 +117,20 @@ def _resume_point(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> dic
                 f"writes to {run_dir} (resume applies to single runs; a sweep job resumes by itself "
                 "when it is started again in the same sweep directory)"
             )
-        path = ckpt.find(run_dir)
-        if path is None:
+    path = ckpt.find(run_dir)
+    if path is None:
+        if explicit:
             log.warning(
                 "%s has no %s (the run stopped before its first checkpoint): it starts again from the "
                 "beginning",
                 run_dir,
                 ckpt.CHECKPOINT_NAME,
             )
-            return None
-    else:
-        path = ckpt.find(run_dir)
-        if path is None:
-            return None
+        return None
+    if not explicit:
         log.info("found %s: resuming this run", path)
+    state = _load_checkpoint(path)
     try:
-        state = ckpt.load(path)
         ckpt.check_compatible(state, config, code_version(), path)
     except ckpt.CheckpointMismatch as exc:
         raise ConfigError(str(exc)) from exc
@@ -189,6 +188,14 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
 
 
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """:func:`structlearn.checkpoint.load`, an unreadable file being a one-line config error."""
+    try:
+        return ckpt.load(path)
+    except ckpt.CheckpointMismatch as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _finished_run(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """The summary of a run in ``run_dir`` that already ended with this config, or None.
 
@@ -203,10 +210,7 @@ def _finished_run(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | Non
     path = ckpt.find(run_dir)
     if summary.get("status") not in ("completed", "diverged") or path is None:
         return None
-    try:
-        differences = ckpt.config_differences(ckpt.load(path).get("config") or {}, config)
-    except ckpt.CheckpointMismatch as exc:
-        raise ConfigError(str(exc)) from exc
+    differences = ckpt.config_differences(_load_checkpoint(path).get("config") or {}, config)
     if differences:
         listing = "\n  ".join(differences)
         raise ConfigError(

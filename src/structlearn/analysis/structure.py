@@ -25,7 +25,6 @@ function of the network and a resumed run repeats it exactly.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -41,6 +40,7 @@ from structlearn.analysis.graph import SignedGraph, write_graph
 from structlearn.analysis.motifs import MotifProfile, motif_census, motif_profile
 from structlearn.analysis.plots import plot_profile, plot_trajectory
 from structlearn.analysis.topology import layer_stats, possible_edges, topology_summary
+from structlearn.loggers import write_csv
 from structlearn.utils import atomic_write_json, check
 
 log = logging.getLogger("structlearn")
@@ -196,11 +196,7 @@ class StructureAnalysis:
             path.unlink(missing_ok=True)
             return
         path.parent.mkdir(exist_ok=True)
-        header = list(dict.fromkeys(k for row in self.rows for k in row))
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        write_csv(path, self.rows)
 
     # -- at the end -------------------------------------------------------------------------------
 
