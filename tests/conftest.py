@@ -56,5 +56,6 @@ def label_colours(labels: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture
-def cifar_root(tmp_path: Path) -> Path:
-    return write_cifar10_folder(tmp_path / "cifar", n_train=50, n_test=20, pixels=label_colours)
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CIFAR-10 folder outside ``tmp_path``, which tests use as a run directory."""
+    return write_cifar10_folder(tmp_path_factory.mktemp("cifar"), n_train=50, n_test=20, pixels=label_colours)

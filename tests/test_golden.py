@@ -23,16 +23,13 @@ def _same(a, b, path="") -> list[str]:
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: {len(a)} items recorded, {len(b)} now"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{path}[{i}]")]
-    for x, y in ((a, b),):
-        try:
-            fx, fy = float(x), float(y)
-        except (TypeError, ValueError):
-            return [] if x == y else [f"{path}: {x!r} recorded, {y!r} now"]
-        if math.isnan(fx) and math.isnan(fy):
-            return []
-        return [] if math.isclose(fx, fy, rel_tol=1e-12, abs_tol=1e-15) else [f"{path}: {x!r} recorded, {y!r} now"]
-    return []
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _same(x, y, f"{path}[{i}]")]
+    try:
+        fa, fb = float(a), float(b)
+    except (TypeError, ValueError):
+        return [] if a == b else [f"{path}: {a!r} recorded, {b!r} now"]
+    same = (math.isnan(fa) and math.isnan(fb)) or math.isclose(fa, fb, rel_tol=1e-12, abs_tol=1e-15)
+    return [] if same else [f"{path}: {a!r} recorded, {b!r} now"]
 
 
 def test_every_method_yaml_has_a_golden():

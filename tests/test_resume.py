@@ -34,13 +34,16 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import structlearn.checkpoint as ckpt
-import structlearn.loggers
+import structlearn.recording
+import structlearn.resume
 import structlearn.run
 import structlearn.runner
 from structlearn.data import moons
 from structlearn.methods import Method
 from structlearn.models import MLP
-from structlearn.run import CONF_DIR, OutputDirCheck, execute, with_saved_overrides
+from structlearn.resume import with_saved_overrides
+from structlearn.run import CONF_DIR, OutputDirCheck, execute
+from structlearn.run_dir import RunDir
 from structlearn.runner import Checkpointing, OutOfMemory, train
 from structlearn.schedules import LRSchedule, TrainSchedule
 from structlearn.utils import ConfigError
@@ -153,7 +156,7 @@ def _during_checkpoint(n: int) -> None:
 
 def _during_row(n: int) -> None:
     """Die half-way through appending the n-th metrics row (a torn last line)."""
-    real, calls = structlearn.loggers.RunRecord.add_row, [0]
+    real, calls = structlearn.recording.RunRecord.add_row, [0]
 
     def add_row(self, row):
         calls[0] += 1
@@ -164,7 +167,7 @@ def _during_row(n: int) -> None:
             f.write(line[: len(line) // 2])
         _kill_self()
 
-    structlearn.loggers.RunRecord.add_row = add_row
+    structlearn.recording.RunRecord.add_row = add_row
 
 
 KILLS = {"step": _after_steps, "checkpoint": _during_checkpoint, "row": _during_row}
@@ -219,7 +222,7 @@ def _record(run_dir: Path) -> dict:
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return ckpt.load(run_dir / ckpt.CHECKPOINT_NAME)["model"]
+    return ckpt.load(RunDir(run_dir).checkpoint)["model"]
 
 
 def _assert_same_run(resumed: Path, reference: Path) -> None:
@@ -288,8 +291,8 @@ def test_killed_twice_and_resumed_twice(make_cfg, tmp_path, references, tmp_path
 
 def test_a_kill_during_the_first_checkpoint_leaves_nothing_to_resume(tmp_path):
     _killed_run([*BASE, *RUNS["dense"]], tmp_path, "checkpoint", 1)
-    assert ckpt.find(tmp_path) is None  # the half-written file never took the checkpoint's name
-    assert not list(tmp_path.glob(f"*{ckpt.CHECKPOINT_NAME}"))
+    assert not RunDir(tmp_path).checkpoint.exists()  # the half-written file never took the checkpoint's name
+    assert not list(tmp_path.glob("*checkpoint.pt"))
 
 
 # -- preemption signals ---------------------------------------------------------------------------
@@ -307,7 +310,7 @@ def test_sigterm_checkpoints_mid_epoch_exits_143_and_resumes_exactly(
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["interrupted"] == "SIGTERM"
     assert f"resume={tmp_path}" in summary["error"]
-    state = ckpt.load(tmp_path / ckpt.CHECKPOINT_NAME)
+    state = ckpt.load(RunDir(tmp_path).checkpoint)
     assert state["position"] == {"epoch": 1, "batch": step - per_epoch, "step": step}  # mid-epoch
     resumed = execute(make_cfg(*BASE, *RUNS[name], "checkpoint.every=0", f"resume={tmp_path}"), tmp_path)
     assert resumed["status"] == "completed"
@@ -341,9 +344,8 @@ def test_a_checkpoint_from_another_config_is_refused_naming_the_difference(make_
     (tmp_path / "summary.json").unlink()  # as if it had been killed after its last checkpoint
     with pytest.raises(ConfigError) as err:
         execute(make_cfg(*BASE, *RUNS["dense"], "schedule.epochs=5", f"resume={tmp_path}"), tmp_path)
-    assert "refusing to resume" in str(err.value) and "schedule.epochs: 3 in the checkpoint, now 5" in str(
-        err.value
-    )
+    assert "holds a run with another config" in str(err.value)
+    assert "schedule.epochs: 3 in the run's config, now 5" in str(err.value)
     # keys that only change how the run is recorded may differ
     summary = execute(
         make_cfg(*BASE, *RUNS["dense"], "logger=console", "threads=1", f"resume={tmp_path}"), tmp_path
@@ -355,16 +357,19 @@ def test_a_checkpoint_from_another_code_version_is_refused(make_cfg, tmp_path, m
     cfg = make_cfg(*BASE, *RUNS["dense"])
     execute(cfg, tmp_path)
     (tmp_path / "summary.json").unlink()
-    real = structlearn.run.code_version
-    monkeypatch.setattr(structlearn.run, "code_version", lambda: {**real(), "source": "0123abc"})
+    real = structlearn.resume.code_version
+    monkeypatch.setattr(structlearn.resume, "code_version", lambda: {**real(), "source": "0123abc"})
     with pytest.raises(ConfigError, match=r"code source: .* in the checkpoint, now '0123abc'"):
         execute(cfg, tmp_path)
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(make_cfg, tmp_path):
-    (tmp_path / ckpt.CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    cfg = make_cfg(*BASE, *RUNS["dense"])
+    execute(cfg, tmp_path)
+    (tmp_path / "summary.json").unlink()
+    RunDir(tmp_path).checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="is not a readable structlearn checkpoint"):
-        execute(make_cfg(*BASE, *RUNS["dense"]), tmp_path)
+        execute(cfg, tmp_path)
 
 
 def test_resume_needs_an_existing_run_directory(make_cfg, tmp_path):
@@ -372,6 +377,9 @@ def test_resume_needs_an_existing_run_directory(make_cfg, tmp_path):
         execute(make_cfg(*BASE, f"resume={tmp_path / 'nope'}"), tmp_path)
     other = tmp_path / "other"
     other.mkdir()
+    with pytest.raises(ConfigError, match="is not a structlearn run"):
+        execute(make_cfg(*BASE, f"resume={other}"), tmp_path)
+    RunDir(other).mark([], {})
     with pytest.raises(ConfigError, match="a run continues in its own directory"):
         execute(make_cfg(*BASE, f"resume={other}"), tmp_path)
 
@@ -427,7 +435,7 @@ def test_a_non_finite_gradient_marks_the_run_diverged_and_keeps_metrics_and_chec
     assert "last checkpoint are kept" in summary["error"]
     with open(tmp_path / "metrics.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
-    assert ckpt.load(tmp_path / ckpt.CHECKPOINT_NAME)["position"]["epoch"] == 2
+    assert ckpt.load(RunDir(tmp_path).checkpoint)["position"]["epoch"] == 2
 
 
 def test_a_diverged_run_ends_the_cli_with_a_clear_line(tmp_path):
@@ -526,7 +534,7 @@ def test_resume_from_the_command_line_needs_only_the_run_directory(make_cfg, tmp
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert _metrics(run_dir) == _metrics(reference)
     different = cli(f"resume={run_dir}", "schedule.epochs=50", cwd=tmp_path)
-    assert different.returncode == 2 and "schedule.epochs: 15 in the checkpoint, now 50" in different.stderr
+    assert different.returncode == 2 and "schedule.epochs: 15 in the run's config, now 50" in different.stderr
     again = cli(f"resume={run_dir}", cwd=tmp_path)  # the refused command changed nothing
     assert again.returncode == 0 and "already completed" in again.stdout + again.stderr
 
@@ -566,17 +574,19 @@ def _wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float
 
 
 def test_with_saved_overrides_puts_the_runs_own_overrides_first(tmp_path):
-    (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra" / "overrides.yaml").write_text(
-        "- method=rigl\n- schedule.epochs=3\n- +foo=1\n- resume=x\n"
-    )
+    RunDir(tmp_path).mark(["method=rigl", "schedule.epochs=3", "+foo=1", "resume=x"], {})
     argv = [f"resume={tmp_path}", "schedule.epochs=5"]
     assert with_saved_overrides(argv) == ["method=rigl", "+foo=1", *argv]
     assert with_saved_overrides(["-m", f"resume={tmp_path}"]) == ["-m", f"resume={tmp_path}"]
     assert with_saved_overrides(["method=set"]) == ["method=set"]
     # values are passed on as written: interpolations are not resolved here
-    (tmp_path / ".hydra" / "run_overrides.yaml").write_text("- method.density=${density}\n")
-    assert with_saved_overrides([f"resume={tmp_path}"]) == ["method.density=${density}", f"resume={tmp_path}"]
+    other = RunDir(tmp_path / "other")
+    other.path.mkdir()
+    other.mark(["method.density=${density}"], {})
+    assert with_saved_overrides([f"resume={other.path}"]) == [
+        "method.density=${density}",
+        f"resume={other.path}",
+    ]
     with pytest.raises(ConfigError, match="there is no run directory there"):
         with_saved_overrides([f"resume={tmp_path / 'typo'}"])
 
@@ -619,7 +629,7 @@ def test_submitit_preemption_checkpoints_requeues_and_resumes(make_cfg, tmp_path
     worker = _submitit_worker(sweep)
     os.kill(worker, signal.SIGTERM)  # submitit bypasses it: a checkpoint, and training goes on
     _wait_for_rows(job, 4, proc)
-    assert ckpt.load(job / ckpt.CHECKPOINT_NAME)["position"]["epoch"] >= 2
+    assert ckpt.load(RunDir(job).checkpoint)["position"]["epoch"] >= 2
     os.kill(worker, signal.SIGUSR1)  # preemption: checkpoint, requeue, exit
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out

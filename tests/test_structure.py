@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from structlearn.analysis.cli import load_network, main
 from structlearn.analysis.graph import read_graph
+from structlearn.analyze import load_network, main
 from structlearn.run import execute
 from structlearn.utils import ConfigError
 
@@ -60,7 +60,7 @@ def test_analysis_every_n_epochs_gives_a_trajectory(make_cfg, tmp_path):
 
 
 def test_analysis_can_be_switched_off_and_is_validated(make_cfg, tmp_path):
-    summary = execute(make_cfg(*RUN, "analysis=null"), tmp_path / "off")
+    summary = execute(make_cfg(*RUN, "analysis=none"), tmp_path / "off")
     assert "structure_analysis" not in summary and not (tmp_path / "off" / "structure").exists()
     with pytest.raises(ConfigError, match=r"analysis.randomizations=-1 is invalid: must be an integer >= 0"):
         execute(make_cfg(*RUN, "analysis.randomizations=-1"), tmp_path / "bad")

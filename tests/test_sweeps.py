@@ -149,7 +149,7 @@ def test_parallel_sweep_and_a_resumable_optuna_search(tmp_path):
 
 
 def test_wandb_run_is_finished_even_after_a_logging_error(tmp_path):
-    from structlearn.loggers import RunInfo, WandbSink
+    from structlearn.recording import RunInfo, WandbSink
 
     sink = WandbSink(mode="offline")
     sink.start(RunInfo(run_dir=tmp_path, names={}, config={}))

@@ -11,14 +11,13 @@ It also records what it was made by (the resolved config and the code version), 
 checkpoint from another config or another commit is refused with a message that says what differs.
 
 Files are replaced atomically (write to a temporary file in the same directory, flush, fsync,
-rename), so a kill at any moment leaves either the previous checkpoint or the new one.
+rename), so a kill at any moment leaves either the previous checkpoint or the new one. What a
+checkpoint holds is written and read in one place, :class:`structlearn.run_state.Checkpoint`.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from structlearn.utils import FILE_MODE
+from structlearn.utils import atomic_write
 
-CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the schema of structlearn.run_state.Checkpoint
 
 # Config keys that may differ between a checkpoint and the run that resumes it: they change where
 # and how the run is recorded or scheduled, never what it computes; and the device (a requeued job
@@ -51,30 +49,8 @@ class CheckpointMismatch(ValueError):
 
 
 def save(path: str | Path, state: Mapping[str, Any]) -> None:
-    """Write ``state`` with ``torch.save`` so that ``path`` is always a whole checkpoint.
-
-    The temporary file is fsynced before the rename and the directory after it, so neither a kill
-    nor a power cut can leave a truncated checkpoint under ``path``.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
-        stale.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``state`` with ``torch.save`` so that ``path`` is always a whole checkpoint (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(dict(state), f))
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -92,12 +68,6 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             f"{path} has checkpoint format {found!r}; this version of structlearn reads {FORMAT_VERSION}"
         )
     return state
-
-
-def find(run_dir: str | Path) -> Path | None:
-    """The checkpoint of ``run_dir`` if it has one."""
-    path = Path(run_dir) / CHECKPOINT_NAME
-    return path if path.is_file() else None
 
 
 # -- random number generators ---------------------------------------------------------------------
@@ -159,6 +129,7 @@ def config_differences(
     current: Mapping[str, Any],
     ignore: Iterable[str] = RESUMABLE_DIFFERENCES,
     only: Iterable[str] | None = None,
+    saved_in: str = "the checkpoint",
 ) -> list[str]:
     """The config values that differ between a checkpoint and the current run, one line each.
 
@@ -168,6 +139,7 @@ def config_differences(
         ignore: dotted keys (and their subtrees) allowed to differ.
         only: if given, compare only these dotted keys and their subtrees (e.g. the keys the user
             set on the command line).
+        saved_in: where ``saved`` comes from, for the lines.
     """
     ignore = tuple(ignore)
     a, b = flatten(saved), flatten(current)
@@ -183,11 +155,11 @@ def config_differences(
         if not wanted(key):
             continue
         if key not in a:
-            lines.append(f"{key}: not in the checkpoint's config, now {b[key]!r}")
+            lines.append(f"{key}: not in {saved_in}, now {b[key]!r}")
         elif key not in b:
-            lines.append(f"{key}: {a[key]!r} in the checkpoint's config, not set now")
+            lines.append(f"{key}: {a[key]!r} in {saved_in}, not set now")
         elif a[key] != b[key]:
-            lines.append(f"{key}: {a[key]!r} in the checkpoint, now {b[key]!r}")
+            lines.append(f"{key}: {a[key]!r} in {saved_in}, now {b[key]!r}")
     return lines
 
 

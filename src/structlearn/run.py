@@ -7,30 +7,25 @@ sees a ``DictConfig``.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import logging
 import secrets
-import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from structlearn import checkpoint as ckpt
-from structlearn.loggers import RunRecord
+from structlearn.resume import code_version, plan_start, with_saved_overrides
+from structlearn.run_dir import RunDir
 from structlearn.runner import PRECISIONS, train
 from structlearn.utils import (
     ConfigError,
+    atomic_write_json,
     build,
     check_output_dir,
     git_sha,
@@ -76,148 +71,75 @@ def _names(cfg: DictConfig) -> dict[str, str]:
     }
 
 
-SOURCE = Path(__file__).resolve().parent
-
-
-@functools.cache
-def source_hash() -> str:
-    """A hash of structlearn's own source files: the code a run computes with, committed or not.
-
-    Unlike the git commit it changes with uncommitted edits to the code, and not with edits
-    elsewhere in the repository (a README), so a checkpoint is refused exactly when the code that
-    would continue it differs.
-    """
-    digest = hashlib.sha256()
-    for path in sorted(SOURCE.rglob("*.py")):
-        digest.update(str(path.relative_to(SOURCE)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def code_version() -> dict[str, Any]:
-    """What a checkpoint must have been written by to be resumed: structlearn's source and torch."""
-    versions = package_versions()
-    return {"source": source_hash(), "structlearn": versions.get("structlearn"), "torch": versions["torch"]}
-
-
-def _resume_point(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint this run continues from: ``resume=<run dir>``, or its own (a requeued job).
-
-    Returns None for a fresh run (and for a run stopped before its first checkpoint). Raises
-    :class:`ConfigError` for a resume path that is not this run's directory, an unreadable
-    checkpoint, or one written by another config or code version (listing the differences).
-    """
-    explicit = cfg.get("resume")
-    if explicit:
-        if not Path(explicit).is_dir():
-            raise ConfigError(f"resume={explicit!r} is invalid: there is no run directory there")
-        if Path(explicit).resolve() != Path(run_dir).resolve():
-            raise ConfigError(
-                f"resume={explicit!r} is invalid: a run continues in its own directory, but this job "
-                f"writes to {run_dir} (resume applies to single runs; a sweep job resumes by itself "
-                "when it is started again in the same sweep directory)"
-            )
-    path = ckpt.find(run_dir)
-    if path is None:
-        if explicit:
-            log.warning(
-                "%s has no %s (the run stopped before its first checkpoint): it starts again from the "
-                "beginning",
-                run_dir,
-                ckpt.CHECKPOINT_NAME,
-            )
-        return None
-    if not explicit:
-        log.info("found %s: resuming this run", path)
-    state = _load_checkpoint(path)
-    try:
-        ckpt.check_compatible(state, config, code_version(), path)
-    except ckpt.CheckpointMismatch as exc:
-        raise ConfigError(str(exc)) from exc
-    return state
-
-
-def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
     """Build everything from ``cfg`` and train; the whole run, without Hydra's process handling.
 
-    A run directory that holds a checkpoint is continued from it (``resume=<dir>`` or a requeued
-    job); one whose summary says it completed is not trained again.
+    The run directory is locked for the whole run; how the run starts there (anew, from its
+    checkpoint, not at all because it already ended, or refused) is :func:`structlearn.resume.plan_start`.
+    A failure before training leaves a ``failed`` summary in a directory that is this run's;
+    a refused directory is left untouched.
     """
-    seed, device, precision = _scalars(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    done = _finished_run(run_dir, config)
-    if done is not None:
-        log.info("%s already %s; nothing to do", run_dir, done["status"])
-        return done
-    resume = _resume_point(cfg, run_dir, config)
-    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-    seed_everything(seed)
-    data = build(cfg.dataset, "dataset")
-    model = build(cfg.model, "model", input_shape=data.input_shape, num_classes=data.num_classes)
-    method = build(cfg.method, "method")
-    schedule = build(cfg.schedule, "schedule")
-    sinks = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
-    analysis = build(cfg.analysis, "analysis") if cfg.get("analysis") else None
-    checkpointing = None
-    if cfg.get("checkpoint"):  # checkpoint=null: no checkpoints
-        checkpointing = replace(build(cfg.checkpoint, "checkpoint"), config=config, code=code_version())
-    group = job_name = None
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        job_name = hc.job.override_dirname or None
-        if hc.mode == RunMode.MULTIRUN:
-            group = Path(hc.sweep.dir).name
-    return train(
-        data=data,
-        model=model,
-        method=method,
-        schedule=schedule,
-        run_dir=run_dir,
-        seed=seed,
-        device=device,
-        precision=precision,
-        sinks=sinks,
-        names=_names(cfg),
-        config=config,
-        provenance={"git_sha": git_sha(), "versions": package_versions()},
-        group=group,
-        job_name=job_name,
-        checkpointing=checkpointing,
-        resume=resume,
-        analysis=analysis,
-    )
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    """:func:`structlearn.checkpoint.load`, an unreadable file being a one-line config error."""
-    try:
-        return ckpt.load(path)
-    except ckpt.CheckpointMismatch as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def _finished_run(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The summary of a run in ``run_dir`` that already ended with this config, or None.
-
-    A run ended when its summary says completed or diverged; it is the same run when its
-    checkpoint was written with the same config (the code may have changed since: the results
-    stand). Without a checkpoint there is nothing to compare, and the run is trained again.
-    """
-    try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    path = ckpt.find(run_dir)
-    if summary.get("status") not in ("completed", "diverged") or path is None:
-        return None
-    differences = ckpt.config_differences(_load_checkpoint(path).get("config") or {}, config)
-    if differences:
-        listing = "\n  ".join(differences)
-        raise ConfigError(
-            f"{run_dir} holds a finished run with another config:\n  {listing}\n"
-            "Start the new run in another directory."
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    with run_dir.lock():
+        config = OmegaConf.to_container(cfg, resolve=True)
+        start = plan_start(run_dir, config, cfg.get("resume"))
+        if start.finished is not None:
+            log.info("%s already %s; nothing to do", run_dir.path, start.finished["status"])
+            return start.finished
+        run_dir.mark(_overrides(), config)
+        try:
+            seed, device, precision = _scalars(cfg)
+            torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+            seed_everything(seed)
+            objects = _build(cfg)
+        except Exception as exc:
+            if not run_dir.summary.exists():  # failed before training: say so in the run's own record
+                error = f"{exc}" if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+                atomic_write_json(
+                    run_dir.summary, {"status": "failed", "error": error, "seed": cfg.get("seed")}
+                )
+            raise
+        return train(
+            **objects,
+            run_dir=run_dir,
+            seed=seed,
+            device=device,
+            precision=precision,
+            names=_names(cfg),
+            config=config,
+            code=code_version(),
+            provenance={"git_sha": git_sha(), "versions": package_versions()},
+            resume=start.checkpoint,
+            **_sweep_identity(),
         )
-    return summary
+
+
+def _build(cfg: DictConfig) -> dict[str, Any]:
+    """Every object of the run, through :func:`structlearn.utils.build` (config errors name their key)."""
+    data = build(cfg.dataset, "dataset")
+    return {
+        "data": data,
+        "model": build(cfg.model, "model", input_shape=data.input_shape, num_classes=data.num_classes),
+        "method": build(cfg.method, "method"),
+        "schedule": build(cfg.schedule, "schedule"),
+        "sinks": [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()],
+        "analysis": build(cfg.analysis, "analysis") if cfg.get("analysis") else None,
+        "checkpointing": build(cfg.checkpoint, "checkpoint") if cfg.get("checkpoint") else None,
+    }
+
+
+def _overrides() -> list[str]:
+    """The job's overrides as typed (Hydra's task overrides), for the run's marker."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _sweep_identity() -> dict[str, str | None]:
+    """The sweep id (``group``) and the job's name, for sinks that group runs."""
+    if not HydraConfig.initialized():
+        return {"group": None, "job_name": None}
+    hc = HydraConfig.get()
+    group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    return {"group": group, "job_name": hc.job.override_dirname or None}
 
 
 def objective(summary: dict[str, Any], path: str | None) -> float | None:
@@ -237,70 +159,18 @@ def objective(summary: dict[str, Any], path: str | None) -> float | None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> float | None:
     """Run one job; in a multirun, an invalid job fails alone and the sweep goes on."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    _keep_run_overrides(run_dir)
+    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
     try:
         summary = execute(cfg, run_dir)
-    except Exception as exc:
-        record = RunRecord(run_dir)
-        if not record.summary_path.exists():  # failed before training: the runner wrote nothing
-            record.write_summary(
-                {
-                    "status": "failed",
-                    "error": f"{exc}" if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}",
-                    "seed": cfg.get("seed"),
-                }
-            )
-        if isinstance(exc, ConfigError) and HydraConfig.get().mode != RunMode.MULTIRUN:
+    except ConfigError as exc:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
             print(f"structlearn: error: {exc}", file=sys.stderr)
             sys.exit(2)
         raise
     if summary["status"] == "diverged":
-        log.error("run diverged: %s (metrics so far kept in %s)", summary.get("error"), run_dir)
-    log.info("outputs: %s", run_dir)
+        log.error("run diverged: %s", summary.get("error"))
+    log.info("outputs: %s", run_dir.path)
     return objective(summary, cfg.get("optimized_metric"))
-
-
-RUN_OVERRIDES = "run_overrides.yaml"
-
-
-def _keep_run_overrides(run_dir: Path) -> None:
-    """Copy the run's first ``overrides.yaml``, which Hydra rewrites at each start (a refused resume too)."""
-    hydra_dir = run_dir / ".hydra"
-    if (hydra_dir / "overrides.yaml").is_file() and not (hydra_dir / RUN_OVERRIDES).exists():
-        shutil.copyfile(hydra_dir / "overrides.yaml", hydra_dir / RUN_OVERRIDES)
-
-
-def _override_key(override: str) -> str:
-    """``+schedule.epochs=3`` -> ``schedule.epochs``; ``method=rigl`` -> ``method``."""
-    return override.split("=", 1)[0].lstrip("~+")
-
-
-def with_saved_overrides(argv: list[str]) -> list[str]:
-    """``structlearn resume=<dir>``: put the run's own overrides first, so it composes the same config.
-
-    The overrides come from ``<dir>/.hydra/run_overrides.yaml`` (the first start's
-    ``overrides.yaml``, kept by the app), else ``overrides.yaml``; those the command line sets again are
-    left out (the command line wins, and the checkpoint check refuses values that differ from the
-    run's). Arguments of a multirun are left as they are.
-    """
-    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
-    if not resume or not resume[-1] or {"-m", "--multirun"} & set(argv):
-        return argv
-    run_dir = Path(resume[-1])
-    if not run_dir.is_dir():  # checked here: Hydra creates the run directory before the app runs
-        raise ConfigError(f"resume={resume[-1]!r} is invalid: there is no run directory there")
-    hydra_dir = run_dir / ".hydra"
-    saved = next((p for p in (hydra_dir / RUN_OVERRIDES, hydra_dir / "overrides.yaml") if p.is_file()), None)
-    if saved is None:
-        return argv  # execute() says there is nothing to resume
-    given = {_override_key(a) for a in argv if not a.startswith("-")}
-    kept = [
-        str(o)
-        for o in yaml.safe_load(saved.read_text()) or []
-        if _override_key(str(o)) not in given | {"resume"}
-    ]
-    return [*kept, *argv]
 
 
 class OutputDirCheck(Callback):

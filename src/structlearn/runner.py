@@ -2,20 +2,21 @@
 
 :func:`train` takes plain objects (dataset, model, method, schedule, sinks) and a run directory,
 trains, evaluates at the schedule's evaluation points, and returns the summary it writes to
-``summary.json``. It never inspects which method, model or dataset it was given.
+``summary.json``. It never inspects which method, model or dataset it was given. It reads as its
+phases: set up, restore or start, the epochs (each: train, an evaluation point, a checkpoint),
+finish. The run directory (:mod:`structlearn.run_dir`) is locked for the whole run, the loop's
+state and its checkpoint are :mod:`structlearn.run_state`, and everything the run reports goes
+to one :class:`~structlearn.recording.Recorder`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import shutil
-import signal
-import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -24,41 +25,27 @@ from torch import Tensor, nn
 
 from structlearn import checkpoint as ckpt
 from structlearn.data.base import InMemoryDataset
-from structlearn.loggers import RunInfo, RunRecord, Sink, log
 from structlearn.methods.base import Method, OptimizerSlot, Plan
+from structlearn.preemption import PreemptionGuard
+from structlearn.recording import Recorder, RunInfo, Sink
+from structlearn.run_dir import RunDir
+from structlearn.run_state import Checkpoint, Checkpointing, RunState, restore_network, restore_optimizers
 from structlearn.schedules import TrainSchedule
-from structlearn.utils import ConfigError, check, check_output_dir, clip_grad_norm
+from structlearn.utils import ConfigError, clip_grad_norm
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from structlearn.analysis.structure import StructureAnalysis
 
+__all__ = ["Checkpointing", "Diverged", "OutOfMemory", "evaluate", "train", "train_step"]
+
+log = logging.getLogger("structlearn")
 PRECISIONS = ("fp32", "tf32", "bf16")
-METRIC_KEYS = ("test_acc", "test_loss", "train_loss", "train_acc")
 
 
 class Diverged(RuntimeError):
     """The training loss or a gradient became NaN or infinite."""
-
-
-@dataclass
-class _Running:
-    """Sums over the current epoch, kept on the device so that steps never synchronise."""
-
-    loss: Tensor
-    correct: Tensor
-    seen: int = 0
-    extras: dict[str, Tensor] | None = None
-
-    @classmethod
-    def zeros(cls, device: torch.device) -> _Running:
-        return cls(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0, {})
-
-    def means(self) -> dict[str, float]:
-        """Host copies of the epoch means (one synchronisation)."""
-        n = max(self.seen, 1)
-        out = {"train_loss": self.loss.item() / n, "train_acc": self.correct.item() / n}
-        out.update({f"loss/{k}": v.item() / n for k, v in (self.extras or {}).items()})
-        return out
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -165,100 +152,6 @@ def train_step(
     return StepResult(loss, logits, extras, event)
 
 
-@dataclass(frozen=True)
-class Checkpointing:
-    """When to write checkpoints, and what made the run (stored in each, checked on resume).
-
-    Attributes:
-        every: epochs between checkpoints; the last epoch always writes one, and so does a
-            preemption signal (SIGTERM, SIGUSR1, SIGUSR2) at the next step boundary. 0: only those.
-        config: the resolved config of the run.
-        code: the code version (``git_sha``, package versions) of the run.
-    """
-
-    every: int = 5
-    config: Mapping[str, Any] = field(default_factory=dict)
-    code: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check(
-            isinstance(self.every, int) and not isinstance(self.every, bool) and self.every >= 0,
-            "every",
-            self.every,
-            "must be an integer >= 0 (epochs between checkpoints; 0: only at the end)",
-        )
-
-
-@dataclass
-class _Position:
-    """Where the loop is: ``epoch`` epochs completed plus ``batch`` batches of the next one."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-
-
-class _SignalGuard:
-    """Turn preemption signals into a checkpoint at the next step boundary, then let them act.
-
-    SLURM and submitit announce the end of a job with SIGTERM or a user signal (submitit uses
-    SIGUSR2 by default, SIGUSR1 in older setups). The handler only notes the signal; the loop
-    writes a checkpoint and then calls the handler that was installed before (submitit's, which
-    requeues the job and exits), or exits with status 128 + signal if there was none. Handlers
-    can only be set from the main thread; elsewhere the guard does nothing.
-    """
-
-    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
-
-    def __init__(self) -> None:
-        self.pending: list[int] = []  # every signal noted since the last forward, in order
-        self.received: str | None = None  # the last signal acted on, for the summary
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _SignalGuard:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._previous[sig] = signal.signal(sig, self._note)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous = {}
-
-    def _note(self, signum: int, frame: Any) -> None:
-        if signum not in self.pending:
-            self.pending.append(signum)
-
-    def take(self) -> list[int]:
-        """The signals noted so far (taken before the checkpoint that answers them is written)."""
-        taken, self.pending = self.pending, []
-        return taken
-
-    def forward(self, signums: Sequence[int], saved: bool) -> None:
-        """Hand ``signums`` to the handlers installed before, SIGTERM first.
-
-        SIGTERM goes first because submitit only logs it (bypass) and acts on its own user signal,
-        which requeues and exits: forwarded last, it is never lost behind the other.
-        """
-        for signum in sorted(signums, key=lambda s: s != signal.SIGTERM):
-            name = signal.Signals(signum).name
-            previous = self._previous.get(signum, signal.SIG_DFL)
-            log.warning(
-                "%s received: %s; handing the signal on",
-                name,
-                "checkpoint written" if saved else "no checkpoints",
-            )
-            self.received = name  # the summary names it if the handler ends the run
-            if callable(previous):
-                previous(signum, None)  # submitit: checkpoint the job, requeue it, exit
-            elif previous != signal.SIG_IGN:
-                raise SystemExit(128 + signum)
-            self.received = None  # ignored or bypassed (submitit bypasses SIGTERM): training goes on
-
-
 def _check_space(run_dir: Path, model: nn.Module, checkpoints: bool) -> None:
     """Fail at the start when the disk cannot hold the run's records and checkpoints."""
     tensors = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor))
@@ -302,64 +195,221 @@ def _grads_finite(slots: Sequence[OptimizerSlot]) -> bool:
     return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
 
 
-def _optimizer_layout(model: nn.Module, slots: Sequence[OptimizerSlot]) -> list[list[list[str]]]:
-    """Per slot, per param group, the names of its parameters (groups change while training)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    layout = []
-    for slot in slots:
-        groups = []
-        for group in slot.optimizer.param_groups:
-            missing = [i for i, p in enumerate(group["params"]) if id(p) not in names]
-            if missing:
-                raise ValueError(f"optimiser slot {slot.name!r} holds parameters that are not the model's")
-            groups.append([names[id(p)] for p in group["params"]])
-        layout.append(groups)
-    return layout
+@dataclass
+class _Loop:
+    """The objects of one run, built once by :meth:`setup`; each method is one phase of :func:`train`."""
 
+    data: InMemoryDataset
+    model: nn.Module
+    method: Method
+    schedule: TrainSchedule
+    slots: list[OptimizerSlot]
+    plan: Plan
+    precision: str
+    recorder: Recorder
+    checkpointing: Checkpointing | None
+    identity: Mapping[str, Any]
 
-def _restore_optimizers(model: nn.Module, slots: Sequence[OptimizerSlot], saved: Sequence[Any]) -> None:
-    """Give each optimiser its saved param-group layout, then load its state."""
-    if len(saved) != len(slots):
-        raise ckpt.CheckpointMismatch(
-            f"checkpoint has {len(saved)} optimisers, the method builds {len(slots)}"
-        )
-    params = dict(model.named_parameters())
-    for slot, entry in zip(slots, saved, strict=True):
-        opt = slot.optimizer
-        template = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-        groups = []
-        for i, group_names in enumerate(entry["layout"]):
-            unknown = [n for n in group_names if n not in params]
-            if unknown:
-                raise ckpt.CheckpointMismatch(
-                    f"checkpoint optimises parameters the model lacks: {unknown[:3]}"
+    @classmethod
+    def setup(
+        cls,
+        data: InMemoryDataset,
+        model: nn.Module,
+        method: Method,
+        schedule: TrainSchedule,
+        plan: Plan,
+        precision: str,
+        recorder: Recorder,
+        checkpointing: Checkpointing | None,
+        identity: Mapping[str, Any],
+        resume: Checkpoint | None,
+    ) -> _Loop:
+        """Data and model on the device, the method's structure (restored on resume), the optimisers."""
+        try:
+            model = method.prepare(model.to(plan.device), plan)
+        except ValueError as exc:  # the method's settings do not fit this model: a config error
+            raise ConfigError(f"method: {exc}") from exc
+        if resume is not None:  # the structure first (paths, masks): optimisers are built on it
+            restore_network(model, method, resume)
+        slots = method.configure_optimizers(model, schedule, plan)
+        if resume is None:
+            _check_slots(model, slots)
+        else:  # the layout the run had (a method may leave parameters out on purpose, e.g. new paths)
+            restore_optimizers(model, slots, resume.optimizers)
+        _check_space(recorder.record.run_dir.path, model, checkpointing is not None)
+        return cls(data, model, method, schedule, slots, plan, precision, recorder, checkpointing, identity)
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    def restore(self, resume: Checkpoint | None) -> RunState:
+        """The state to continue from: a fresh one, or the checkpoint's (its record and generators too)."""
+        if resume is None:
+            self.recorder.restore(
+                [], 0
+            )  # a directory reused from scratch keeps nothing of an earlier attempt
+            return RunState.fresh(self.plan.seed, self.device)
+        state = resume.restore_state(self.device)
+        self.recorder.restore(resume.record["rows"], resume.record["events"], resume.record["analysis"])
+        ckpt.set_rng_state(resume.rng)
+        pos = state.position
+        log.info("resumed at epoch %d, batch %d (step %d)", pos.epoch, pos.batch, pos.step)
+        return state
+
+    # -- one epoch ------------------------------------------------------------------------------
+
+    def train_epoch(self, state: RunState, epoch: int, guard: PreemptionGuard) -> dict[str, float]:
+        """Train the epoch's batches from where the state stands; returns the epoch's training means."""
+        pos, model, batch_size = state.position, self.model, self.schedule.batch_size
+        if pos.batch == 0:
+            self.method.on_epoch_start(model, epoch, pos.step)
+            state.begin_epoch(self.device)
+        else:  # resumed mid-epoch: the same order and augmentation, from the same batch
+            state.generator.set_state(state.epoch_generator)
+        model.train()
+        refresh = max(1, min(50, self.plan.steps_per_epoch // 4))  # steps between progress reports
+        for b, (x, y) in enumerate(self.data.train_batches(batch_size, state.generator)):
+            if b < pos.batch:
+                continue
+            try:
+                loss, logits, extras, event = train_step(
+                    model, self.method, self.slots, x, y, pos.step, self.device, self.precision
                 )
-            groups.append({**template[min(i, len(template) - 1)], "params": [params[n] for n in group_names]})
-        opt.param_groups.clear()
-        opt.state.clear()
-        for group in groups:
-            opt.add_param_group(group)
-        opt.load_state_dict(entry["state"])
+            except torch.OutOfMemoryError as exc:
+                raise self._out_of_memory(
+                    exc, batch_size, f"step {pos.step + 1} (epoch {epoch + 1})"
+                ) from exc
+            state.sums.add(loss, logits, y, extras)
+            pos.step += 1
+            pos.batch = b + 1
+            if event:
+                self.recorder.event(event, pos.step)
+            if pos.step % refresh == 0:
+                # the loss here, the gradients at the epoch's end: a non-finite gradient that
+                # reaches the weights shows in the loss of the next steps anyway
+                live = _check_finite(state.sums.means(), f"step {pos.step} (epoch {epoch + 1})")
+                self.recorder.progress(pos.step, {"loss": live["train_loss"], "acc": live["train_acc"]})
+            if guard.pending:
+                signums = guard.take()
+                _check_finite(state.sums.means(), f"step {pos.step} (epoch {epoch + 1})")  # never save NaNs
+                guard.forward(signums, self.save(state))
+        train_metrics = _check_finite(state.sums.means(), f"epoch {epoch + 1}")
+        if not _grads_finite(self.slots):
+            raise Diverged(f"non-finite gradient in epoch {epoch + 1}")
+        pos.epoch, pos.batch = epoch + 1, 0
+        return train_metrics
 
+    def evaluation_point(self, state: RunState, train_metrics: Mapping[str, float]) -> None:
+        """Evaluate, record the row (and let the analysis see the network), update ``final``/``best``."""
+        pos = state.position
+        test = self.evaluate("test", f"evaluation after epoch {pos.epoch}")
+        row = {
+            "epoch": pos.epoch,
+            "step": pos.step,
+            **train_metrics,
+            "test_loss": test["loss"],
+            "test_acc": test["acc"],
+            **{f"lr/{s.name}": s.optimizer.param_groups[0]["lr"] for s in self.slots},
+            "time_s": state.elapsed,
+            **self.method.structure_metrics(self.model),  # right after an evaluation pass: the contract
+        }
+        self.recorder.row(row, pos.step, lambda: self.method.graph(self.model))
+        state.evaluated(row)
 
-def _finish_analysis(
-    analysis: StructureAnalysis,
-    model: nn.Module,
-    method: Method,
-    run_dir: Path,
-    seed: int,
-    summary: dict[str, Any],
-) -> dict[str, Any]:
-    """The end-of-run structure analysis; its failure is logged and recorded, the run stays completed."""
-    try:
-        headline, paths = analysis.finish(
-            model, method, run_dir, seed, label=str(summary.get("method", "network"))
+    def evaluate(self, split: str, where: str) -> dict[str, float]:
+        batch_size = self.schedule.batch_size * 4
+        try:
+            return evaluate(
+                self.model, self.data.eval_batches(batch_size, split=split), self.device, self.precision
+            )
+        except torch.OutOfMemoryError as exc:
+            raise self._out_of_memory(exc, batch_size, where) from exc
+
+    def save(self, state: RunState) -> bool:
+        """Write ``checkpoint.pt`` (when checkpoints are on); returns whether one was written."""
+        if self.checkpointing is None:
+            return False
+        self.recorder.sync()  # the rows and events it counts are on disk before it is
+        data = {"input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes}
+        snapshot = Checkpoint.capture(
+            state,
+            self.model,
+            self.method,
+            self.slots,
+            self.plan,
+            data,
+            self.recorder.state_dict(),
+            self.identity,
         )
-    except Exception as exc:
-        log.exception("the structure analysis failed; the run's own results are unaffected")
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    summary["artifacts"] += [str(p) for p in paths]
-    return headline
+        snapshot.save(self.recorder.record.run_dir.checkpoint)
+        return True
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def finish(self, state: RunState, label: str) -> dict[str, Any]:
+        """Finalise the network (evaluating it again if that changed it), then describe it."""
+        if not state.finalized:
+            if self.method.finalize(self.model):
+                state.before_finalize = state.final
+                train_eval = self.evaluate("train", "the final evaluation")
+                test = self.evaluate("test", "the final evaluation")
+                state.final = {
+                    "test_acc": test["acc"],
+                    "test_loss": test["loss"],
+                    "train_loss": train_eval["loss"],
+                    "train_acc": train_eval["acc"],
+                }
+                state.finalized = True
+                self.save(state)  # the last checkpoint holds the network the final metrics describe
+        elif state.before_finalize is not None:  # resumed after finalising: methods read the last evaluation
+            self.evaluate("test", "the final evaluation")
+        out: dict[str, Any] = {
+            "params": self.method.count_parameters(self.model).as_dict(),
+            "structure": self.method.structure_metrics(self.model),
+            "artifacts": [
+                str(p) for p in self.method.write_artifacts(self.model, self.recorder.record.run_dir.path)
+            ],
+        }
+        analysis = self.recorder.analysis
+        if analysis is not None:
+            try:
+                headline, paths = analysis.finish(self.method.graph(self.model), label)
+            except Exception as exc:  # the analysis never turns a completed run into a failed one
+                log.exception("the structure analysis failed; the run's own results are unaffected")
+                headline, paths = {"error": f"{type(exc).__name__}: {exc}"}, []
+            out["structure_analysis"] = headline
+            out["artifacts"] += [str(p) for p in paths]
+        return out
+
+    def _out_of_memory(self, exc: BaseException, batch_size: int, where: str) -> OutOfMemory:
+        names = self.identity.get("names") or {}
+        return _out_of_memory(exc, names, self.model, batch_size, where, self.device)
+
+
+def _stopped(
+    exc: BaseException, state: RunState | None, run_dir: RunDir, guard: PreemptionGuard
+) -> dict[str, Any]:
+    """The summary's ``status`` and ``error`` for a run that did not complete."""
+    if isinstance(exc, Diverged):
+        files = (("metrics so far", run_dir.metrics), ("the last checkpoint", run_dir.checkpoint))
+        kept = [what for what, path in files if path.exists()]
+        said = " and ".join(kept) + (" is kept" if kept == ["the last checkpoint"] else " are kept")
+        return {"status": "diverged", "error": f"{exc}; {said if kept else 'nothing was recorded before it'}"}
+    if guard.received is not None:
+        pos = state.position if state is not None else None
+        where = f" at step {pos.step} (epoch {pos.epoch + 1})" if pos is not None else ""
+        resume = (
+            f"; the checkpoint is written: the run continues with resume={run_dir.path}"
+            if run_dir.checkpoint.exists()
+            else ""
+        )
+        return {
+            "status": "failed",
+            "interrupted": guard.received,
+            "error": f"interrupted by {guard.received}{where}{resume}",
+        }
+    return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
 def train(
@@ -368,18 +418,19 @@ def train(
     model: nn.Module,
     method: Method,
     schedule: TrainSchedule,
-    run_dir: Path,
+    run_dir: Path | RunDir,
     seed: int,
     device: torch.device,
     precision: str = "fp32",
     sinks: Sequence[Sink] = (),
     names: Mapping[str, str] | None = None,
     config: Mapping[str, Any] | None = None,
+    code: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     group: str | None = None,
     job_name: str | None = None,
     checkpointing: Checkpointing | None = None,
-    resume: Mapping[str, Any] | None = None,
+    resume: Checkpoint | None = None,
     analysis: StructureAnalysis | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``method`` on ``data`` and record the run in ``run_dir``.
@@ -389,21 +440,20 @@ def train(
         model: the freshly initialised network.
         method: the structure-learning method (hooks of :class:`~structlearn.methods.base.Method`).
         schedule: epochs, batch size, optimiser and lr schedule.
-        run_dir: where ``metrics.csv``, ``events.jsonl``, ``summary.json``, the checkpoint and
-            artifacts go.
+        run_dir: the run directory; locked here for the whole run unless the caller holds its lock.
         seed: the run's seed (data order and the method's generator derive from it).
         device: the training device.
         precision: ``fp32``, ``tf32`` or ``bf16`` (autocast).
         sinks: extra destinations for the rows (console, W&B).
         names: method/dataset/model names for the summary.
-        config: the resolved config, for sinks.
+        config: the resolved config (for sinks; stored in checkpoints and checked on resume).
+        code: the code version (stored in checkpoints and checked on resume).
         provenance: fields copied into the summary (git sha, versions).
         group, job_name: sweep id and job name, for sinks that group runs.
         checkpointing: when to write ``checkpoint.pt``; None writes none.
-        resume: a loaded checkpoint (:func:`structlearn.checkpoint.load`) of this run to continue
-            from; the model and method must be built exactly as for the run that wrote it.
-        analysis: the structure analysis to run at evaluation points and at the end (motif
-            profile, topology; ``<run dir>/structure/``), or None.
+        resume: a checkpoint of this run to continue from; the model and method must be built
+            exactly as for the run that wrote it.
+        analysis: the structure analysis at evaluation points and at the end, or None.
 
     Returns:
         The summary also written to ``summary.json``. A diverged run returns normally with
@@ -411,11 +461,9 @@ def train(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is invalid: must be one of {PRECISIONS}")
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     names = dict(names or {})
-    run_dir = Path(run_dir)
-    check_output_dir(run_dir)
-    record = RunRecord(run_dir)
-    started = time.perf_counter()
+    identity = {"config": dict(config or {}), "code": dict(code or {}), "names": names}
     summary: dict[str, Any] = {
         "status": "failed",
         **names,
@@ -427,231 +475,51 @@ def train(
         "wall_time_s": 0.0,
         "device": str(device),
         "precision": precision,
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir.path),
         **dict(provenance or {}),
     }
-    generator = torch.Generator().manual_seed(seed)
-    pos = _Position()
-    guard = _SignalGuard()
-    sinks = list(sinks)
-    started_sinks: list[Sink] = []
-    try:
-        data = data.to(device)
-        steps_per_epoch = data.steps_per_epoch(schedule.batch_size)
-        plan = Plan(epochs=schedule.epochs, steps_per_epoch=steps_per_epoch, seed=seed, device=device)
+    with contextlib.nullcontext() if run_dir.locked else run_dir.lock():
+        run_dir.mark([], identity["config"])
+        recorder, guard = Recorder(run_dir, seed, sinks, analysis), PreemptionGuard()
+        state: RunState | None = None
+        loop: _Loop | None = None
         try:
-            model = method.prepare(model.to(device), plan)
-        except ValueError as exc:  # the method's settings do not fit this model: a config error
-            raise ConfigError(f"method: {exc}") from exc
-        if resume is not None:  # the structure first (paths, masks): optimisers are built on it
-            model.load_state_dict(resume["model"])
-            method.load_state_dict(resume["method"])
-        slots = method.configure_optimizers(model, schedule, plan)
-        if resume is None:
-            _check_slots(model, slots)
-        else:  # the layout the run had (a method may leave parameters out on purpose, e.g. new paths)
-            _restore_optimizers(model, slots, resume["optimizers"])
-        _check_space(run_dir, model, checkpointing is not None)
-        running = _Running.zeros(device)
-        epoch_generator = generator.get_state()
-        best: dict[str, float] = {}
-        if resume is not None:
-            pos = _Position(**resume["position"])
-            generator.set_state(resume["data"]["generator"])
-            epoch_generator = resume["data"]["epoch_generator"]
-            if resume["running"] is not None:  # loaded on the CPU; the sums live on the device
-                saved = resume["running"]
-                running = _Running(
-                    saved["loss"].to(device),
-                    saved["correct"].to(device),
-                    saved["seen"],
-                    {k: v.to(device) for k, v in saved["extras"].items()},
-                )
-            record.restore(resume["record"]["rows"], resume["record"]["events"])
-            summary.update(resume["summary"])
-            best = dict(summary["best"])
-            started -= resume["elapsed_s"]
-            ckpt.set_rng_state(resume["rng"])
-            if analysis is not None and resume.get("analysis") is not None:
-                analysis.load_state_dict(resume["analysis"], run_dir)
-            log.info("resumed at epoch %d, batch %d (step %d)", pos.epoch, pos.batch, pos.step)
-        else:
-            record.restore([], 0)  # a directory reused from scratch keeps nothing of an earlier attempt
-
-        def save_checkpoint() -> None:
-            if checkpointing is None:
-                return
-            record.sync()
-            ckpt.save(
-                run_dir / ckpt.CHECKPOINT_NAME,
-                {
-                    "format": ckpt.FORMAT_VERSION,
-                    "config": dict(checkpointing.config),
-                    "code": dict(checkpointing.code),
-                    "names": names,
-                    "position": vars(pos).copy(),
-                    "model": model.state_dict(),
-                    "optimizers": [
-                        {"layout": layout, "state": slot.optimizer.state_dict()}
-                        for layout, slot in zip(_optimizer_layout(model, slots), slots, strict=True)
-                    ],
-                    "method": method.state_dict(),
-                    "rng": ckpt.rng_state(),
-                    "data": {
-                        "generator": generator.get_state(),
-                        "epoch_generator": epoch_generator,
-                        "input_shape": list(data.input_shape),
-                        "num_classes": data.num_classes,
-                    },
-                    "plan": {"epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch, "seed": seed},
-                    "analysis": analysis.state_dict() if analysis is not None else None,
-                    "running": vars(running).copy() if pos.batch else None,
-                    "record": {"rows": record.rows, "events": record.num_events},
-                    "summary": {k: summary[k] for k in ("epochs_completed", "final", "best")},
-                    "elapsed_s": time.perf_counter() - started,
-                },
+            data = data.to(device)
+            plan = Plan(schedule.epochs, data.steps_per_epoch(schedule.batch_size), seed, device)
+            loop = _Loop.setup(
+                data, model, method, schedule, plan, precision, recorder, checkpointing, identity, resume
             )
-
-        info = RunInfo(
-            run_dir=run_dir,
-            names=names,
-            config=dict(config or {}),
-            total_steps=plan.total_steps,
-            group=group,
-            job_name=job_name,
-            initial_step=pos.step,
-        )
-        for sink in sinks:
-            sink.start(info)
-            started_sinks.append(sink)
-        refresh = max(1, min(50, steps_per_epoch // 4))
-        with guard:
-            for epoch in range(pos.epoch, schedule.epochs):
-                if pos.batch == 0:
-                    method.on_epoch_start(model, epoch, pos.step)
-                    running = _Running.zeros(device)
-                    epoch_generator = generator.get_state()
-                else:  # resumed mid-epoch: the same order and augmentation, from the same batch
-                    generator.set_state(epoch_generator)
-                model.train()
-                for b, (x, y) in enumerate(data.train_batches(schedule.batch_size, generator)):
-                    if b < pos.batch:
-                        continue
-                    try:
-                        loss, logits, extras, event = train_step(
-                            model, method, slots, x, y, pos.step, device, precision
-                        )
-                    except torch.OutOfMemoryError as exc:
-                        where = f"step {pos.step + 1} (epoch {epoch + 1})"
-                        raise _out_of_memory(exc, names, model, schedule.batch_size, where, device) from exc
-                    running.loss += loss.detach() * len(y)
-                    running.correct += (logits.detach().argmax(dim=1) == y).sum()
-                    running.seen += len(y)
-                    for k, v in extras.items():
-                        running.extras[k] = running.extras.get(k, 0) + v.detach().float() * len(y)
-                    pos.step += 1
-                    pos.batch = b + 1
-                    if event:
-                        record.add_event(event, pos.step)
-                        for sink in sinks:
-                            sink.event(event, pos.step)
-                    if pos.step % refresh == 0:
-                        # the loss here, the gradients at the epoch's end: a non-finite gradient that
-                        # reaches the weights shows in the loss of the next steps anyway
-                        live = _check_finite(running.means(), f"step {pos.step} (epoch {epoch + 1})")
-                        for sink in sinks:
-                            sink.progress(pos.step, {"loss": live["train_loss"], "acc": live["train_acc"]})
-                    if guard.pending:
-                        signums = guard.take()
-                        # never replace a good checkpoint by NaNs
-                        _check_finite(running.means(), f"step {pos.step} (epoch {epoch + 1})")
-                        save_checkpoint()
-                        guard.forward(signums, checkpointing is not None)
-                train_metrics = _check_finite(running.means(), f"epoch {epoch + 1}")
-                if not _grads_finite(slots):
-                    raise Diverged(f"non-finite gradient in epoch {epoch + 1}")
-                pos.epoch, pos.batch = epoch + 1, 0
-                summary["epochs_completed"] = epoch + 1
-                last = epoch + 1 == schedule.epochs
-                if (epoch + 1) % schedule.eval_every == 0 or last:
-                    try:
-                        test = evaluate(model, data.eval_batches(schedule.batch_size * 4), device, precision)
-                    except torch.OutOfMemoryError as exc:
-                        where = f"evaluation after epoch {epoch + 1}"
-                        raise _out_of_memory(
-                            exc, names, model, schedule.batch_size * 4, where, device
-                        ) from exc
-                    row = {
-                        "epoch": epoch + 1,
-                        "step": pos.step,
-                        **train_metrics,
-                        "test_loss": test["loss"],
-                        "test_acc": test["acc"],
-                        **{f"lr/{s.name}": s.optimizer.param_groups[0]["lr"] for s in slots},
-                        "time_s": time.perf_counter() - started,
-                        **method.structure_metrics(model),
-                    }
-                    record.add_row(row)
-                    for sink in sinks:
-                        sink.log(row, pos.step)
-                    if analysis is not None:
-                        analysis.observe(epoch + 1, pos.step, model, method, seed, run_dir)
-                    if not best or row["test_acc"] > best["test_acc"]:
-                        best = {k: row[k] for k in ("epoch", *METRIC_KEYS)}
-                    summary["final"] = {k: row[k] for k in METRIC_KEYS}
-                    summary["best"] = best
-                every = checkpointing.every if checkpointing is not None else 0
-                signums = guard.take()
-                if last or (every and (epoch + 1) % every == 0) or signums:
-                    save_checkpoint()
-                guard.forward(signums, checkpointing is not None)
-        if method.finalize(model):
-            summary["before_finalize"] = summary["final"]
-            train_eval = evaluate(
-                model, data.eval_batches(schedule.batch_size * 4, split="train"), device, precision
+            state = loop.restore(resume)
+            info = RunInfo(
+                run_dir.path,
+                names,
+                identity["config"],
+                plan.total_steps,
+                group,
+                job_name,
+                state.position.step,
             )
-            test = evaluate(model, data.eval_batches(schedule.batch_size * 4), device, precision)
-            summary["final"] = {
-                "test_acc": test["acc"],
-                "test_loss": test["loss"],
-                "train_loss": train_eval["loss"],
-                "train_acc": train_eval["acc"],
-            }
-        summary["params"] = method.count_parameters(model).as_dict()
-        summary["structure"] = method.structure_metrics(model)
-        summary["artifacts"] = [str(p) for p in method.write_artifacts(model, run_dir)]
-        if analysis is not None:
-            summary["structure_analysis"] = _finish_analysis(analysis, model, method, run_dir, seed, summary)
-        summary["status"] = "completed"
-    except Diverged as exc:
-        summary["status"] = "diverged"
-        kept = (
-            "metrics so far and the last checkpoint are kept" if checkpointing else "metrics so far are kept"
-        )
-        summary["error"] = f"{exc}; {kept}"
-        with contextlib.suppress(Exception):  # the parameter counts of the network as it stopped
-            summary["params"] = method.count_parameters(model).as_dict()
-    except BaseException as exc:
-        summary["status"] = "failed"
-        if guard.received is not None:
-            summary["interrupted"] = guard.received
-            summary["error"] = (
-                f"interrupted by {guard.received} at step {pos.step} (epoch {pos.epoch + 1})"
-                + (
-                    f"; the checkpoint is written: the run continues with resume={run_dir}"
-                    if checkpointing
-                    else ""
-                )
-            )
-        else:
-            summary["error"] = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        summary["wall_time_s"] = time.perf_counter() - started
-        record.write_summary(summary)
-        for sink in started_sinks:
-            try:
-                sink.finish(summary)
-            except Exception:  # a broken sink never hides the run's own outcome
-                log.exception("sink %s failed to finish", type(sink).__name__)
+            recorder.start(info)
+            with guard:
+                for epoch in range(state.position.epoch, schedule.epochs):
+                    train_metrics = loop.train_epoch(state, epoch, guard)
+                    last = epoch + 1 == schedule.epochs
+                    if (epoch + 1) % schedule.eval_every == 0 or last:
+                        loop.evaluation_point(state, train_metrics)
+                    signums = guard.take()
+                    if (checkpointing is not None and checkpointing.due(epoch + 1, last)) or signums:
+                        loop.save(state)
+                    guard.forward(signums, checkpointing is not None)
+            summary.update(loop.finish(state, str(names.get("method", "network"))), status="completed")
+        except BaseException as exc:
+            summary.update(_stopped(exc, state, run_dir, guard))
+            if loop is not None and isinstance(exc, Diverged):
+                with contextlib.suppress(Exception):  # the parameter counts of the network as it stopped
+                    summary["params"] = method.count_parameters(loop.model).as_dict()
+            if not isinstance(exc, Diverged):
+                raise
+        finally:
+            if state is not None:
+                summary.update(state.results(), wall_time_s=state.elapsed)
+            recorder.finish(summary)
     return summary

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 import os
 import random
 import re
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -144,20 +146,47 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace ``path`` atomically with what ``write(file)`` writes: readers see the old file or the new one.
+
+    The bytes go to a temporary file in the same directory (``.<name>.<random>.tmp``), which is
+    flushed and fsynced, renamed over ``path``, and the directory is fsynced: neither a kill nor a
+    power cut leaves a truncated file under ``path``. A failed write removes its temporary file;
+    one left by a killed writer is removed by the run directory's lock holder.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, FILE_MODE)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> list[str]:
+    """Write ``rows`` atomically under the union of their keys (in first-seen order); returns that header."""
+    header = list(dict.fromkeys(k for row in rows for k in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+    return header
 
 
 def check_output_dir(path: str | Path) -> None:
@@ -170,8 +199,10 @@ def check_output_dir(path: str | Path) -> None:
     probe = path / f".write-test-{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"structlearn")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"structlearn")
+        finally:  # a full disk creates the file and then fails to write it
+            probe.unlink(missing_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"output directory {path} is not writable ({exc.strerror or exc}); "

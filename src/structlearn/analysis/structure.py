@@ -34,14 +34,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from structlearn.analysis.graph import SignedGraph, write_graph
 from structlearn.analysis.motifs import MotifProfile, motif_census, motif_profile
 from structlearn.analysis.plots import plot_profile, plot_trajectory
 from structlearn.analysis.topology import layer_stats, possible_edges, topology_summary
-from structlearn.loggers import write_csv
-from structlearn.utils import atomic_write_json, check
+from structlearn.utils import atomic_write_json, check, write_csv
 
 log = logging.getLogger("structlearn")
 
@@ -142,6 +140,8 @@ class StructureAnalysis:
         self.rows: list[dict[str, float]] = []
         self._previous = np.zeros(0, dtype=np.int64)  # edge keys (src * n + dst) at the last analysis
         self._ever = np.zeros(0, dtype=np.int64)  # edge keys present at any analysis so far
+        self._out = Path("structure")  # <run dir>/structure, set by start()
+        self._seed = 0
 
     def __repr__(self) -> str:
         return (
@@ -151,19 +151,27 @@ class StructureAnalysis:
 
     # -- during training --------------------------------------------------------------------------
 
-    def observe(self, epoch: int, step: int, model: nn.Module, method: Any, seed: int, run_dir: Path) -> None:
-        """At an evaluation point: analyse if ``epoch`` is one of every ``every`` epochs.
+    def start(self, run_dir: Path | Any, seed: int) -> None:
+        """The run begins: where its files go (``<run dir>/structure/``) and the seed of its null models."""
+        self._out = Path(run_dir) / "structure"
+        self._seed = seed
+
+    def wants(self, epoch: int) -> bool:
+        """Whether the evaluation point after ``epoch`` is analysed (every ``every`` epochs)."""
+        return self.every is not None and epoch % self.every == 0
+
+    def observe(self, epoch: int, step: int, graph: SignedGraph | None) -> None:
+        """At an evaluation point the runner chose by :meth:`wants`: analyse the network's graph.
 
         The row also has ``churn`` (the fraction of the union of this and the last analysed edge
         set that changed between them) and ``ever_active`` (edges present at any analysis so far,
-        over the possible edges).
+        over the possible edges). A network whose connections form no graph (None) is skipped.
         """
-        if self.every is None or epoch % self.every:
-            return
-        graph = method.graph(model)
         if graph is None:
             return
-        numbers, _ = analyse(graph, self.randomizations, (seed, epoch), self.swaps_per_edge, self.by_sign)
+        numbers, _ = analyse(
+            graph, self.randomizations, (self._seed, epoch), self.swaps_per_edge, self.by_sign
+        )
         src, dst, _ = graph.edges()
         keys = np.unique(src.astype(np.int64) * graph.num_nodes + dst)
         union = np.union1d(self._previous, keys)
@@ -174,7 +182,7 @@ class StructureAnalysis:
         numbers["ever_active"] = len(self._ever) / possible if possible else float("nan")
         self._previous = keys
         self.rows.append({"epoch": epoch, "step": step, **numbers})
-        self._write_rows(run_dir)
+        self._write_rows()
 
     def state_dict(self) -> dict[str, Any]:
         """The trajectory so far (a checkpoint holds it, so a resumed run keeps every row once)."""
@@ -184,14 +192,15 @@ class StructureAnalysis:
             "ever": torch.from_numpy(self._ever),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], run_dir: Path) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (after :meth:`start`) and rewrite the trajectory file to match."""
         self.rows = [dict(r) for r in state["rows"]]
         self._previous = state["previous"].cpu().numpy()
         self._ever = state["ever"].cpu().numpy()
-        self._write_rows(run_dir)
+        self._write_rows()
 
-    def _write_rows(self, run_dir: Path) -> None:
-        path = Path(run_dir) / "structure" / "trajectory.csv"
+    def _write_rows(self) -> None:
+        path = self._out / "trajectory.csv"
         if not self.rows:
             path.unlink(missing_ok=True)
             return
@@ -200,22 +209,20 @@ class StructureAnalysis:
 
     # -- at the end -------------------------------------------------------------------------------
 
-    def finish(
-        self, model: nn.Module, method: Any, run_dir: Path, seed: int, label: str = "network"
-    ) -> tuple[dict[str, Any], list[Path]]:
-        """Analyse the final network; returns the summary headline and the files written."""
-        out = Path(run_dir) / "structure"
+    def finish(self, graph: SignedGraph | None, label: str = "network") -> tuple[dict[str, Any], list[Path]]:
+        """Analyse the final network's graph; returns the summary headline and the files written."""
         paths: list[Path] = []
         if self.rows and len(self.rows) > 1:
-            paths.append(plot_trajectory(pd.DataFrame(self.rows), out / "trajectory.png"))
+            paths.append(plot_trajectory(pd.DataFrame(self.rows), self._out / "trajectory.png"))
         if not self.at_end:
             return {}, paths
-        graph = method.graph(model)
         if graph is None:
             return {"skipped": "the network's connections do not form a graph the analysis reads"}, paths
         # epochs count from 1, so (seed, 0) is the end of the run
-        numbers, profile = analyse(graph, self.randomizations, (seed, 0), self.swaps_per_edge, self.by_sign)
-        paths += self.write(graph, numbers, profile, out, label)
+        numbers, profile = analyse(
+            graph, self.randomizations, (self._seed, 0), self.swaps_per_edge, self.by_sign
+        )
+        paths += self.write(graph, numbers, profile, self._out, label)
         return {k: numbers[k] for k in HEADLINE if k in numbers} | {
             "randomizations": self.randomizations
         }, paths

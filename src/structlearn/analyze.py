@@ -7,8 +7,8 @@
 Each run is rebuilt from its ``checkpoint.pt`` (model and method from the config stored in it,
 loaded with ``weights_only=True``) and read through its method's ``graph`` hook, exactly as the
 run's own end-of-run analysis does. A checkpoint written after the last epoch is first finalised
-the way the run was (MorphoNet's hard prune, the URN's prune to its emergent network), so the
-graph is the network the run evaluated. The results go into ``<run dir>/structure/checkpoint/``
+the way the run was (MorphoNet's hard prune, the URN's prune to its emergent network) unless the
+checkpoint already holds the finalised network, so the graph is the network the run evaluated. The results go into ``<run dir>/structure/checkpoint/``
 (profile table and picture, numbers, graph files); with ``--out``, all runs' numbers are also
 collected in ``profiles.csv`` and their z-score profiles drawn side by side in ``profiles.png``.
 """
@@ -26,11 +26,12 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from structlearn import checkpoint as ckpt
 from structlearn.analysis.motifs import MotifProfile
 from structlearn.analysis.plots import plot_profile
 from structlearn.analysis.structure import EXPORTS, StructureAnalysis, analyse
-from structlearn.methods.base import Plan
+from structlearn.methods.base import Method, Plan
+from structlearn.run_dir import RunDir
+from structlearn.run_state import Checkpoint, restore_network
 from structlearn.utils import ConfigError, build
 
 SHOWN = (
@@ -50,14 +51,15 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
+        name = RunDir(path).checkpoint.name
         if path.is_file():
             found.append(path)
-        elif (path / ckpt.CHECKPOINT_NAME).is_file():
-            found.append(path / ckpt.CHECKPOINT_NAME)
-        elif path.is_dir() and (jobs := sorted(path.glob(f"*/{ckpt.CHECKPOINT_NAME}"), key=_job_order)):
+        elif RunDir(path).checkpoint.is_file():
+            found.append(RunDir(path).checkpoint)
+        elif path.is_dir() and (jobs := sorted(path.glob(f"*/{name}"), key=_job_order)):
             found.extend(jobs)
         else:
-            raise FileNotFoundError(f"{path}: no {ckpt.CHECKPOINT_NAME} there, nor in its subdirectories")
+            raise FileNotFoundError(f"{path}: no {name} there, nor in its subdirectories")
     return found
 
 
@@ -66,58 +68,56 @@ def _job_order(path: Path) -> tuple[int, str]:
     return (int(name), name) if name.isdigit() else (sys.maxsize, name)
 
 
-def load_network(path: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """The model and method of a checkpoint, rebuilt from its config and loaded (on the CPU).
+def load_network(path: Path) -> tuple[torch.nn.Module, Method, Checkpoint]:
+    """The model and method of a checkpoint, rebuilt from its config and restored (on the CPU).
 
     Returns:
-        ``(model, method, state)``; the model is the network as the checkpoint left it, finalised
-        when the checkpoint was written after the run's last epoch.
+        ``(model, method, checkpoint)``; the model is the network the checkpoint names: the final
+        network of a finished run (a checkpoint of a run's end written before the method's
+        finalisation is finalised here, the way the run did it).
     """
-    state = ckpt.load(path)
-    cfg = OmegaConf.create(state["config"])
+    saved = Checkpoint.load(path)
+    cfg = OmegaConf.create(saved.config)
     model = build(
         cfg.model,
         "model",
-        input_shape=tuple(state["data"]["input_shape"]),
-        num_classes=state["data"]["num_classes"],
+        input_shape=tuple(saved.data["input_shape"]),
+        num_classes=saved.data["num_classes"],
     )
     method = build(cfg.method, "method")
-    plan = Plan(device=torch.device("cpu"), **state["plan"])
-    model = method.prepare(model, plan)
-    model.load_state_dict(state["model"])
-    method.load_state_dict(state["method"])
+    model = method.prepare(model, Plan(device=torch.device("cpu"), **saved.plan))
+    restore_network(model, method, saved)
     model.eval()
-    if state["position"]["epoch"] == plan.epochs and state["position"]["batch"] == 0:
+    if saved.at_end and not saved.finalized:
         method.finalize(model)
-    return model, method, state
+    return model, method, saved
 
 
-def label_of(state: dict[str, Any]) -> str:
+def label_of(saved: Checkpoint) -> str:
     """``method/dataset/seed`` of a checkpoint, for tables and legends."""
-    names = state.get("names") or {}
-    return f"{names.get('method', '?')}/{names.get('dataset', '?')}/seed{state['plan']['seed']}"
+    return f"{saved.names.get('method', '?')}/{saved.names.get('dataset', '?')}/seed{saved.plan['seed']}"
 
 
 def analyse_checkpoint(
     path: Path, analysis: StructureAnalysis, out: Path | None = None
 ) -> tuple[str, dict, Any]:
     """Analyse one checkpoint; write into ``out`` (default ``<run dir>/structure/checkpoint``)."""
-    model, method, state = load_network(path)
-    label = label_of(state)
+    model, method, saved = load_network(path)
+    label = label_of(saved)
     graph = method.graph(model)
     if graph is None:
         print(f"{path}: {label}: skipped (the network's connections do not form a graph the analysis reads)")
         return label, {}, None
     print(
-        f"{path}: {label}, epoch {state['position']['epoch']}: {graph.num_nodes} nodes, {graph.num_edges} edges, "
+        f"{path}: {label}, epoch {saved.position.epoch}: {graph.num_nodes} nodes, {graph.num_edges} edges, "
         f"{analysis.randomizations} randomisations...",
         flush=True,
     )
     started = time.perf_counter()
     numbers, profile = analyse(
-        graph, analysis.randomizations, (state["plan"]["seed"], 0), analysis.swaps_per_edge, analysis.by_sign
+        graph, analysis.randomizations, (saved.plan["seed"], 0), analysis.swaps_per_edge, analysis.by_sign
     )
-    analysis.write(graph, numbers, profile, out or path.parent / "structure" / "checkpoint", label)
+    analysis.write(graph, numbers, profile, out or RunDir(path.parent).structure / "checkpoint", label)
     print(f"  done in {time.perf_counter() - started:.1f} s", flush=True)
     return label, numbers, profile
 

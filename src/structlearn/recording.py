@@ -1,27 +1,32 @@
-"""Where a run's numbers go: the run record on disk (always) and optional sinks (console, W&B...).
+"""Where a run's numbers go: the run record on disk (always), optional sinks (console, W&B...), the analysis.
 
 The :class:`RunRecord` writes the files every run directory must hold: ``metrics.csv`` (one row
 per evaluation point), ``events.jsonl`` (one line per structural update a method reports) and
 ``summary.json`` (written atomically). Sinks chosen in the ``logger`` config group receive the
-same rows; only the runner calls them, methods return dicts.
+same rows. The runner talks to one :class:`Recorder`, which fans out to the record, the sinks and
+the structure analysis; methods return dicts and never see any of them.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
 import os
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from structlearn.utils import atomic_write_json, atomic_write_text, check
+from structlearn.run_dir import RunDir
+from structlearn.utils import atomic_write_json, atomic_write_text, check, write_csv
+
+if TYPE_CHECKING:
+    from structlearn.analysis.graph import SignedGraph
+    from structlearn.analysis.structure import StructureAnalysis
 
 log = logging.getLogger("structlearn")
 
@@ -140,12 +145,12 @@ class RunRecord:
     CSV header is the union of the keys seen; a row with a new key rewrites the file once.
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / "metrics.csv"
-        self.events_path = self.run_dir / "events.jsonl"
-        self.summary_path = self.run_dir / "summary.json"
+    def __init__(self, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir.metrics
+        self.events_path = run_dir.events
+        self.summary_path = run_dir.summary
         self.rows: list[dict[str, float]] = []
         self.num_events = 0
         self._header: list[str] = []
@@ -201,15 +206,85 @@ class RunRecord:
         atomic_write_json(self.summary_path, _finite(summary))
 
 
-def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> list[str]:
-    """Write ``rows`` atomically under the union of their keys (in first-seen order); returns that header."""
-    header = list(dict.fromkeys(k for row in rows for k in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=header)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())
-    return header
+class Recorder:
+    """The one listener of a run: fans each report out to the record, the sinks and the analysis.
+
+    The runner reports progress, events, evaluation rows and the outcome here, once each; this
+    object writes them to the run's own files and hands them to every sink (a sink that fails to
+    finish is logged, never hides the run's outcome) and, at the epochs it asks for, gives the
+    network's graph to the structure analysis.
+
+    Args:
+        run_dir: the run directory.
+        seed: the run's seed (the analysis's null models derive from it).
+        sinks: extra destinations (console, W&B).
+        analysis: the structure analysis, or None; told the run directory and seed here, once.
+    """
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        seed: int,
+        sinks: Sequence[Sink] = (),
+        analysis: StructureAnalysis | None = None,
+    ) -> None:
+        self.record = RunRecord(run_dir)
+        self.sinks = list(sinks)
+        self.analysis = analysis
+        if analysis is not None:
+            analysis.start(run_dir.path, seed)
+        self._started: list[Sink] = []
+
+    def restore(self, rows: list[Mapping[str, float]], num_events: int, analysis: Any = None) -> None:
+        """Continue a resumed run's record (exactly its rows and events up to the checkpoint)."""
+        self.record.restore(rows, num_events)
+        if self.analysis is not None and analysis is not None:
+            self.analysis.load_state_dict(analysis)
+
+    def start(self, info: RunInfo) -> None:
+        """The run begins: every sink starts."""
+        for sink in self.sinks:
+            sink.start(info)
+            self._started.append(sink)
+
+    def progress(self, step: int, metrics: Mapping[str, float]) -> None:
+        for sink in self._started:
+            sink.progress(step, metrics)
+
+    def event(self, event: Mapping[str, float], step: int) -> None:
+        self.record.add_event(event, step)
+        for sink in self._started:
+            sink.event(event, step)
+
+    def row(self, row: Mapping[str, float], step: int, graph: Callable[[], SignedGraph | None]) -> None:
+        """An evaluation point: the row, and the network's graph (built only if the analysis wants it)."""
+        self.record.add_row(row)
+        for sink in self._started:
+            sink.log(row, step)
+        epoch = int(row["epoch"])
+        if self.analysis is not None and self.analysis.wants(epoch):
+            self.analysis.observe(epoch, step, graph())
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the record: the rows, the event count, the analysis trajectory."""
+        return {
+            "rows": self.record.rows,
+            "events": self.record.num_events,
+            "analysis": self.analysis.state_dict() if self.analysis is not None else None,
+        }
+
+    def sync(self) -> None:
+        self.record.sync()
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """The run ended: write ``summary.json``, then close every sink that started."""
+        self.record.write_summary(summary)
+        for sink in self._started:
+            try:
+                sink.finish(summary)
+            except Exception:  # a broken sink never hides the run's own outcome
+                log.exception("sink %s failed to finish", type(sink).__name__)
+        self._started = []
 
 
 def _finite(obj: Any) -> Any:
@@ -284,7 +359,7 @@ class WandbSink:
             import wandb
 
             # One W&B run per run directory: a resumed run continues the W&B run it started.
-            id_file = info.run_dir / "wandb_run_id"
+            id_file = RunDir(info.run_dir).wandb_run_id
             run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id + "\n")
             self._run = wandb.init(

@@ -1,0 +1,72 @@
+"""Preemption: a signal that announces the end of a job becomes a checkpoint, then the signal acts."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("structlearn")
+
+
+class PreemptionGuard:
+    """Turn preemption signals into a checkpoint at the next step boundary, then let them act.
+
+    SLURM and submitit announce the end of a job with SIGTERM or a user signal (submitit uses
+    SIGUSR2 by default, SIGUSR1 in older setups). The handler only notes the signal; the loop
+    writes a checkpoint and then calls the handler that was installed before (submitit's, which
+    requeues the job and exits), or exits with status 128 + signal if there was none. Handlers
+    can only be set from the main thread; elsewhere the guard does nothing.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []  # every signal noted since the last forward, in order
+        self.received: str | None = None  # the last signal acted on, for the summary
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if signum not in self.pending:
+            self.pending.append(signum)
+
+    def take(self) -> list[int]:
+        """The signals noted so far (taken before the checkpoint that answers them is written)."""
+        taken, self.pending = self.pending, []
+        return taken
+
+    def forward(self, signums: Sequence[int], saved: bool) -> None:
+        """Hand ``signums`` to the handlers installed before, SIGTERM first.
+
+        SIGTERM goes first because submitit only logs it (bypass) and acts on its own user signal,
+        which requeues and exits: forwarded last, it is never lost behind the other.
+        """
+        for signum in sorted(signums, key=lambda s: s != signal.SIGTERM):
+            name = signal.Signals(signum).name
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            log.warning(
+                "%s received: %s; handing the signal on",
+                name,
+                "checkpoint written" if saved else "no checkpoints",
+            )
+            self.received = name  # the summary names it if the handler ends the run
+            if callable(previous):
+                previous(signum, None)  # submitit: checkpoint the job, requeue it, exit
+            elif previous != signal.SIG_IGN:
+                raise SystemExit(128 + signum)
+            self.received = None  # ignored or bypassed (submitit bypasses SIGTERM): training goes on
