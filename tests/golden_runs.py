@@ -59,7 +59,9 @@ def outputs(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in csv.DictReader(f)]
     events_path = run_dir / "events.jsonl"
-    events = [json.loads(line) for line in events_path.read_text().splitlines()] if events_path.exists() else []
+    events = (
+        [json.loads(line) for line in events_path.read_text().splitlines()] if events_path.exists() else []
+    )
     saved = json.loads((run_dir / "summary.json").read_text())
     kept = {k: saved[k] for k in SUMMARY_KEYS if k in saved}
     analysis = saved.get("structure_analysis") or {}
