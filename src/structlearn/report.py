@@ -1,7 +1,8 @@
 """Turn a multirun directory into tables and plots: ``structlearn-report <sweep dir>``.
 
 Every number comes from the runs' own files: ``summary.json`` (final and best metrics, parameter
-counts, status), ``.hydra/overrides.yaml`` (which grid cell a job is) and ``metrics.csv``
+counts, status), the run's marker (its own overrides: which grid cell a job is; Hydra's
+``.hydra/overrides.yaml`` is rewritten at each start and never read) and ``metrics.csv``
 (learning curves). Runs are grouped by the overrides that vary across the sweep (seed excluded),
 and each group gets mean ± std over seeds, n, and a paired t-test against a named baseline group
 (paired by seed, so each comparison uses the same data draws).
@@ -12,25 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
+
+from structlearn.plotting import figure
+from structlearn.run_dir import RunDir
+from structlearn.utils import ConfigError, flatten
 
 PAIR_KEY = "seed"
-
-
-def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{name}."))
-        elif not isinstance(value, list):
-            out[name] = value
-    return out
 
 
 def load_runs(*roots: str | Path) -> pd.DataFrame:
@@ -39,15 +33,14 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
     Override columns are named ``override:<key>`` (e.g. ``override:method.density``).
     """
     rows = []
-    for path in sorted(p for root in roots for p in Path(root).rglob("summary.json")):
+    for path in sorted(p for root in roots for p in Path(root).rglob(RunDir.SUMMARY)):
         summary = json.loads(path.read_text())
-        row = _flatten({k: v for k, v in summary.items() if k not in ("versions", "artifacts")})
+        flat = flatten({k: v for k, v in summary.items() if k not in ("versions", "artifacts")})
+        row = {k: v for k, v in flat.items() if not isinstance(v, list | Mapping)}  # lists, empty sections
         row["run_dir"] = str(path.parent)
-        overrides = path.parent / ".hydra" / "overrides.yaml"
-        if overrides.exists():
-            for item in yaml.safe_load(overrides.read_text()) or []:
-                key, _, value = str(item).partition("=")
-                row[f"override:{key.lstrip('+~')}"] = value
+        for item in RunDir(path.parent).overrides() or []:  # the run's own, not Hydra's rewritable copy
+            key, _, value = item.partition("=")
+            row[f"override:{key.lstrip('+~')}"] = value
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no summary.json under {', '.join(map(str, roots))}")
@@ -156,16 +149,6 @@ def summarize(
     return pd.DataFrame(rows)
 
 
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend (imported when a plot is made)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 _STAT_COLUMNS = ("n", "failed", "mean", "std", "effective_params", "params_ratio", "diff", "p_value")
 
 
@@ -226,9 +209,9 @@ def _plot_panels(
     value_ticks: bool,
 ) -> Path:
     """Mean metric (± std) against column ``x`` on a log axis: a panel per dataset, a line per series."""
-    plt = _pyplot()
     panels = sorted(table["dataset"].unique()) if "dataset" in table.columns else [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.0), squeeze=False)
+    fig = figure(figsize=(5.0 * len(panels), 4.0))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         part = table if panel is None else table[table["dataset"] == panel]
         for values, line in part.groupby(list(series_keys), sort=True) if series_keys else [((), part)]:
@@ -254,7 +237,6 @@ def _plot_panels(
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return path
 
 
@@ -282,18 +264,13 @@ def plot_vs(table: pd.DataFrame, x: str, path: Path, metric: str = "final.test_a
 
 def plot_curves(runs: pd.DataFrame, by: Sequence[str], path: Path, columns: Sequence[str]) -> Path:
     """Mean learning curves per group from each run's metrics.csv (one panel per column)."""
-    plt = _pyplot()
-
-    fig, axes = plt.subplots(1, len(columns), figsize=(5.0 * len(columns), 3.8), squeeze=False)
+    fig = figure(figsize=(5.0 * len(columns), 3.8))
+    axes = fig.subplots(1, len(columns), squeeze=False)
     done = runs[runs["status"] == "completed"]
     groups = done.groupby(list(by), dropna=False, sort=True) if by else [((), done)]
     for values, group in groups:
         values = values if isinstance(values, tuple) else (values,)
-        frames = [
-            pd.read_csv(Path(d) / "metrics.csv")
-            for d in group["run_dir"]
-            if (Path(d) / "metrics.csv").exists()
-        ]
+        frames = [pd.read_csvRunDir(d).metrics for d in group["run_dir"] if RunDir(d).metrics.exists()]
         if not frames:
             continue
         curves = pd.concat(frames).groupby("epoch").mean(numeric_only=True)
@@ -307,7 +284,6 @@ def plot_curves(runs: pd.DataFrame, by: Sequence[str], path: Path, columns: Sequ
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return path
 
 
@@ -337,8 +313,8 @@ def report(
     header = {
         c
         for d in runs["run_dir"]
-        if (Path(d) / "metrics.csv").exists()
-        for c in pd.read_csv(Path(d) / "metrics.csv", nrows=0).columns
+        if RunDir(d).metrics.exists()
+        for c in pd.read_csv(RunDir(d).metrics, nrows=0).columns
     }
     curve_columns = ["test_acc"] + [
         c for c in ("density/masked_layers", "density/sparse_layers") if c in header
@@ -359,9 +335,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--name", default="report", help="file name stem")
     parser.add_argument("--vs", help="also plot the metric against this numeric group key (e.g. density)")
     args = parser.parse_args(argv)
-    paths = report(
-        args.root, args.out, args.by, args.metric, args.baseline, args.params_reference, args.name, args.vs
-    )
+    try:
+        paths = report(
+            args.root,
+            args.out,
+            args.by,
+            args.metric,
+            args.baseline,
+            args.params_reference,
+            args.name,
+            args.vs,
+        )
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"structlearn-report: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(paths["md"].read_text())
     for kind, path in paths.items():
         print(f"{kind}: {path}")

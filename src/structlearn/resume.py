@@ -83,13 +83,9 @@ def plan_start(run_dir: RunDir, config: Mapping[str, Any], explicit: str | None)
                 f"writes to {run_dir.path} (resume applies to single runs; a sweep job resumes by itself "
                 "when it is started again in the same sweep directory)"
             )
+    check_not_foreign(run_dir)
     if run_dir.is_run():
         _check_same_config(run_dir, config)
-    elif not run_dir.is_new():
-        raise ConfigError(
-            f"{run_dir.path} holds files that are not a structlearn run (no {RunDir.MARKER}); nothing in it "
-            "was touched: choose another directory (hydra.run.dir=... or hydra.sweep.dir=...)"
-        )
     finished = _finished(run_dir)
     if finished is not None:
         return Start(finished=finished)
@@ -120,6 +116,15 @@ def check_resumable(path: str) -> RunDir:
             "nothing in it was touched"
         )
     return run_dir
+
+
+def check_not_foreign(run_dir: RunDir) -> None:
+    """A run may write into a new directory or into a structlearn run, never into someone else's files."""
+    if not run_dir.is_run() and not run_dir.is_new():
+        raise ConfigError(
+            f"{run_dir.path} holds files that are not a structlearn run (no {RunDir.MARKER}); nothing in it "
+            "was touched: choose another directory (hydra.run.dir=... or hydra.sweep.dir=...)"
+        )
 
 
 def _check_same_config(run_dir: RunDir, config: Mapping[str, Any]) -> None:

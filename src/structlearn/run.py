@@ -7,9 +7,11 @@ sees a ``DictConfig``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from structlearn.resume import code_version, plan_start, with_saved_overrides
+from structlearn.resume import check_not_foreign, code_version, plan_start, with_saved_overrides
 from structlearn.run_dir import RunDir
 from structlearn.runner import PRECISIONS, train
 from structlearn.utils import (
@@ -80,6 +82,7 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
     a refused directory is left untouched.
     """
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    check_not_foreign(run_dir)  # before the lock file is made in it
     with run_dir.lock():
         config = OmegaConf.to_container(cfg, resolve=True)
         start = plan_start(run_dir, config, cfg.get("resume"))
@@ -174,34 +177,49 @@ def app(cfg: DictConfig) -> float | None:
 
 
 class OutputDirCheck(Callback):
-    """A Hydra callback: stop with one line, before any work, when the output directory is unusable.
+    """A Hydra callback: stop with one line, before Hydra writes anything, when the output directory is unusable.
 
-    Hydra would otherwise fail on its own ``mkdir`` with a traceback, or the run would fail at its
-    first write. Registered in ``conf/config.yaml`` under ``hydra.callbacks``.
+    Unwritable directories would otherwise fail on Hydra's own ``mkdir`` with a traceback. A single
+    run's directory that another process is writing, or that holds files that are not a structlearn
+    run, is refused before Hydra writes its ``.hydra/`` files into it. A multirun holds its sweep
+    directory's lock until the sweep ends, so a second sweep into the same directory stops at once.
+    Registered in ``conf/config.yaml`` under ``hydra.callbacks``.
     """
 
+    def __init__(self) -> None:
+        self._sweep = contextlib.ExitStack()
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir)
+        run_dir = RunDir(config.hydra.run.dir)
+        with _one_line_errors():
+            check_output_dir(run_dir.path)
+            check_not_foreign(run_dir)  # only a run's directory or a new one is written...
+            with run_dir.lock():  # ...and only when no other process is writing it
+                pass
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir)
+        with _one_line_errors():
+            check_output_dir(config.hydra.sweep.dir)
+            self._sweep.enter_context(RunDir(config.hydra.sweep.dir).lock())
 
-    @staticmethod
-    def _check(path: str) -> None:
-        try:
-            check_output_dir(path)
-        except ConfigError as exc:
-            print(f"structlearn: error: {exc}", file=sys.stderr)
-            sys.exit(2)
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._sweep.close()
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A :class:`ConfigError` ends the command with its one line and exit status 2."""
+    try:
+        yield
+    except ConfigError as exc:
+        print(f"structlearn: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:
     """Console-script entry point."""
-    try:
+    with _one_line_errors():
         sys.argv[1:] = with_saved_overrides(sys.argv[1:])
-    except ConfigError as exc:
-        print(f"structlearn: error: {exc}", file=sys.stderr)
-        sys.exit(2)
     app()
 
 

@@ -55,6 +55,11 @@ class RunDir:
 
     MARKER = "structlearn_run.json"
     LOCK = ".lock"
+    METRICS = "metrics.csv"
+    EVENTS = "events.jsonl"
+    SUMMARY = "summary.json"
+    CHECKPOINT = "checkpoint.pt"
+    STRUCTURE = "structure"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -77,23 +82,23 @@ class RunDir:
 
     @property
     def metrics(self) -> Path:
-        return self.path / "metrics.csv"
+        return self.path / self.METRICS
 
     @property
     def events(self) -> Path:
-        return self.path / "events.jsonl"
+        return self.path / self.EVENTS
 
     @property
     def summary(self) -> Path:
-        return self.path / "summary.json"
+        return self.path / self.SUMMARY
 
     @property
     def checkpoint(self) -> Path:
-        return self.path / "checkpoint.pt"
+        return self.path / self.CHECKPOINT
 
     @property
     def structure(self) -> Path:
-        return self.path / "structure"
+        return self.path / self.STRUCTURE
 
     @property
     def wandb_run_id(self) -> Path:
@@ -131,6 +136,7 @@ class RunDir:
     def mark(self, overrides: list[str], config: Mapping[str, Any]) -> None:
         """Write the marker of a new run: its first overrides and its resolved config. Kept once written."""
         if not self.is_run():
+            self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(
                 self.marker, {"format": MARKER_FORMAT, "overrides": list(overrides), "config": dict(config)}
             )
