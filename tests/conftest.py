@@ -1,18 +1,28 @@
-"""Shared fixtures: composed configs shrunk to test size, and a tiny CIFAR-10 folder on disk."""
+"""Shared fixtures and helpers: composed configs shrunk to test size, toy runner trainings, a tiny CIFAR-10 folder."""
 
 from __future__ import annotations
 
+import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from torch import nn
 
+from structlearn.data import moons
+from structlearn.data.base import InMemoryDataset
 from structlearn.data.cifar import write_cifar10_folder
+from structlearn.methods.base import Method
+from structlearn.models import MLP
 from structlearn.run import CONF_DIR
+from structlearn.runner import train
+from structlearn.schedules import LRSchedule, TrainSchedule
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -26,6 +36,56 @@ TOY_SIZES = {
     "spheres": ["dataset.n_samples=200"],
     "digits": [],
 }
+
+
+def toy_schedule(
+    epochs: int,
+    optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+    decay: str = "cosine",
+    batch_size: int = 32,
+    **hyper: Any,
+) -> TrainSchedule:
+    """A training schedule built in Python: ``optimizer(params, **hyper)`` (``lr``...), lr ``decay``, no clipping."""
+    return TrainSchedule(
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=functools.partial(optimizer, **hyper),
+        lr_schedule=functools.partial(LRSchedule, decay=decay),
+    )
+
+
+def train_toy(
+    method: Method,
+    run_dir: Path,
+    *,
+    epochs: int = 3,
+    seed: int = 0,
+    hidden: Sequence[int] = (32, 32),
+    data: InMemoryDataset | None = None,
+    model: nn.Module | None = None,
+    **schedule: Any,
+) -> tuple[dict[str, Any], nn.Module]:
+    """Train ``method`` with the runner on the CPU; returns the summary and the trained model.
+
+    Without ``data`` and ``model``: ``torch.manual_seed(seed)``, 256 moons drawn with ``seed`` and an
+    MLP with ``hidden`` layers. ``schedule`` is :func:`toy_schedule`'s keywords (its ``epochs`` is
+    ``epochs``).
+    """
+    if data is None:
+        torch.manual_seed(seed)
+        data = moons(n_samples=256, seed=seed)
+    if model is None:
+        model = MLP(input_shape=data.input_shape, num_classes=data.num_classes, hidden=list(hidden))
+    summary = train(
+        data=data,
+        model=model,
+        method=method,
+        schedule=toy_schedule(epochs, **schedule),
+        run_dir=run_dir,
+        seed=seed,
+        device=torch.device("cpu"),
+    )
+    return summary, model
 
 
 @pytest.fixture(autouse=True)

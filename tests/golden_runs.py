@@ -27,7 +27,7 @@ COMMON = [
     "device=cpu",
     "threads=1",
     "schedule.epochs=3",
-    "checkpoint.every=1",
+    "checkpoint.every_epochs=1",
     "analysis.randomizations=2",
 ]
 # One toy dataset per method: the small plastic ResNet and the URN as in the resume tests
@@ -41,7 +41,7 @@ EXTRA: dict[str, list[str]] = {
         "method.rewire_every=2",
     ],
     "urn": ["dataset=spheres", "dataset.n_samples=200", "model.size=40"],
-    "rigl": ["method.update_every=3", "analysis.every=1"],
+    "rigl": ["method.update_every=3", "analysis.every_epochs=1"],
     "gmp": ["method.update_every=2"],
 }
 WALL_CLOCK = ("time_s",)

@@ -29,6 +29,7 @@ from structlearn.models import MLP, ResNet, WideResNet
 from structlearn.runner import train, train_step
 from structlearn.schedules import LRSchedule, TrainSchedule, drop_fraction
 from structlearn.sparse.masks import allocate_counts, drop_and_grow, layer_densities
+from structlearn.utils import build
 
 CPU = torch.device("cpu")
 NETS = ("mlp", "conv")
@@ -565,7 +566,25 @@ def test_set_every_epoch_updates_at_the_end_of_each_epoch_but_the_last(tmp_path)
     assert all(e["dst/drop_fraction"] == 0.3 for e in events)  # SET: constant zeta
 
 
-# -- validation and the WRN --------------------------------------------------------------------
+# -- defaults, validation and the WRN ---------------------------------------------------------
+
+
+PAPER_DEFAULTS = {
+    # distribution, update_every, end, drop_fraction, drop_fraction_decay, update_order
+    "set": ("erdos_renyi", "epoch", 1.0, 0.3, "constant", "after_step"),
+    "rigl": ("erk", 100, 0.75, 0.3, "cosine", "instead_of_step"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_no_arguments_give_the_paper_defaults_and_the_yaml_states_the_same(make_cfg, name):
+    method = METHODS[name]()
+    keys = ("distribution", "update_every", "end", "drop_fraction", "drop_fraction_decay", "update_order")
+    assert tuple(getattr(method, k) for k in keys) == PAPER_DEFAULTS[name]
+    assert (method.grow_init, method.reset_optimizer_state, method.regrow_dropped) == ("zero", True, False)
+    assert {k: getattr(method, k) for k in method.DEFAULTS} == dict(method.DEFAULTS)
+    assert repr(build(make_cfg(f"method={name}").method, "method")) == repr(method)  # density 0.1 both
+    assert METHODS[name](end=0.5, update_every=7).end == 0.5  # an argument given overrides the default
 
 
 @pytest.mark.parametrize(

@@ -221,7 +221,7 @@ def test_morphonets_final_checkpoint_evaluates_to_its_final_metrics(make_cfg, tm
 
 
 def test_a_run_diverging_in_its_first_epoch_does_not_claim_kept_files(make_cfg, tmp_path):
-    summary = execute(make_cfg(*FAST, "schedule.optimizer.lr=1e30", "checkpoint.every=1"), tmp_path)
+    summary = execute(make_cfg(*FAST, "schedule.optimizer.lr=1e30", "checkpoint.every_epochs=1"), tmp_path)
     assert summary["status"] == "diverged"
     assert summary["error"].endswith("nothing was recorded before it"), summary["error"]
     assert not RunDir(tmp_path).checkpoint.exists() and not RunDir(tmp_path).metrics.exists()

@@ -3,43 +3,22 @@
 import functools
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from structlearn.data import moons
-from structlearn.methods import GMP, Dense, Static
+from structlearn.methods import GMP, Dense, Plan, Static
+from structlearn.methods.base import OptimizerSlot, clip_gradients
 from structlearn.models import MLP
-from structlearn.runner import train
-from structlearn.schedules import LRSchedule, TrainSchedule
 from structlearn.sparse.masks import allocate_counts, layer_densities
+from structlearn.utils import clip_grad_norm
 
+from .conftest import train_toy
 
-def schedule(epochs=3, batch_size=32, weight_decay=0.1):
-    # Weight decay and momentum would move masked weights if masks were not re-applied.
-    return TrainSchedule(
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=weight_decay),
-        lr_schedule=functools.partial(LRSchedule),
-    )
-
-
-def run(method, tmp_path: Path, seed=0, epochs=3, hidden=(32, 32)):
-    torch.manual_seed(seed)
-    data = moons(n_samples=256, seed=seed)
-    model = MLP(input_shape=data.input_shape, num_classes=2, hidden=list(hidden))
-    summary = train(
-        data=data,
-        model=model,
-        method=method,
-        schedule=schedule(epochs),
-        run_dir=tmp_path,
-        seed=seed,
-        device=torch.device("cpu"),
-    )
-    return summary, model
+# AdamW with weight decay would move masked weights if masks were not re-applied.
+run = functools.partial(
+    train_toy, epochs=3, hidden=(32, 32), optimizer=torch.optim.AdamW, lr=0.01, weight_decay=0.1
+)
 
 
 class CheckedStatic(Static):
@@ -157,7 +136,6 @@ def test_masked_state_dict_round_trip(tmp_path):
     fresh = GMP(density=0.2, end=0.5, update_every=2)
     torch.manual_seed(0)
     model = MLP(input_shape=(2,), num_classes=2, hidden=[32, 32])
-    from structlearn.methods.base import Plan
 
     fresh.prepare(model, Plan(epochs=2, steps_per_epoch=7, seed=0, device=torch.device("cpu")))
     fresh.load_state_dict(state)
@@ -195,3 +173,66 @@ def test_gmp_prunes_even_when_begin_rounds_to_the_last_step(tmp_path):
     run(method, tmp_path, epochs=1)  # 7 steps: begin rounds to step 7, clamped to 6
     counts = expected_counts(method, None)
     assert all(int(m.sum()) == counts[n] for n, m in method.masks.items())
+
+
+def test_plan_gives_each_method_its_generator_and_resolves_intervals():
+    plan = Plan(epochs=2, steps_per_epoch=7, seed=3, device=torch.device("cpu"))
+    stream = torch.Generator().manual_seed(3 + 7919)  # what every method drew from before Plan.generator
+    assert torch.equal(plan.generator().get_state(), stream.get_state())
+    assert torch.equal(plan.generator(offset=1).get_state(), torch.Generator().manual_seed(4).get_state())
+    assert plan.generator() is not plan.generator()  # a new stream each time
+    assert plan.steps("epoch") == 7 and plan.steps(5) == 5
+    for bad in (0, True, "epochs", 2.5):
+        with pytest.raises(
+            ValueError, match=r"^every=.* is invalid: must be an integer >= 1 \(steps\) or 'epoch'"
+        ):
+            plan.steps(bad)
+
+
+def _grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 10  # norms well above the clips below
+
+
+def _slots(model, clip, groups):
+    """Weights and biases in two optimisers: an interleaved split of the model's parameter order."""
+    named = list(model.named_parameters())
+    weights = [p for n, p in named if n.endswith("weight")]
+    biases = [p for n, p in named if n.endswith("bias")]
+    return [
+        OptimizerSlot(torch.optim.SGD(ps, lr=0.1), lambda step: 1.0, clip, name=name, clip_group=group)
+        for ps, name, group in ((weights, "weights", groups[0]), (biases, "biases", groups[1]))
+    ]
+
+
+def test_clip_gradients_clips_each_slot_or_each_group_exactly():
+    torch.manual_seed(0)
+    model, reference = MLP((3,), 2, hidden=[8, 6]), MLP((3,), 2, hidden=[8, 6])
+    # a group of every slot: exactly one clip over model.parameters(), as MorphoNet's own clip
+    _grads(model, 1), _grads(reference, 1)
+    clip_gradients(_slots(model, 0.5, ("all", "all")), model)
+    clip_grad_norm(list(reference.parameters()), 0.5)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    assert (
+        torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])).item()
+        <= 0.5 + 1e-5
+    )
+    # slots alone: each its own norm, as the runner's per-slot clip
+    _grads(model, 2), _grads(reference, 2)
+    clip_gradients(_slots(model, 0.5, (None, None)), model)
+    for slot in _slots(reference, 0.5, (None, None)):
+        clip_grad_norm([p for g in slot.optimizer.param_groups for p in g["params"]], 0.5)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    # no clip: gradients untouched
+    _grads(model, 3), _grads(reference, 3)
+    clip_gradients(_slots(model, None, ("all", "all")), model)
+    assert all(
+        torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters(), strict=True)
+    )
+    slots = _slots(model, 0.5, ("all", "all"))
+    slots[1].grad_clip = 1.0
+    with pytest.raises(ValueError, match=r"^grad_clip=1.0 is invalid: slot 'biases' shares clip_group 'all'"):
+        clip_gradients(slots, model)

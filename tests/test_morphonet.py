@@ -7,24 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from structlearn.data import moons
 from structlearn.methods import MorphoNet
 from structlearn.methods.base import Plan
 from structlearn.methods.morphonet import MorphoConv2d, MorphoLinear
 from structlearn.models import MLP
-from structlearn.runner import train
-from structlearn.schedules import LRSchedule, TrainSchedule
+
+from .conftest import toy_schedule, train_toy
 
 CPU = torch.device("cpu")
-
-
-def schedule(epochs=4):
-    return TrainSchedule(
-        epochs=epochs,
-        batch_size=32,
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01),
-        lr_schedule=functools.partial(LRSchedule),
-    )
+ADAMW = {"optimizer": torch.optim.AdamW, "lr": 1e-3, "weight_decay": 0.01}
+run = functools.partial(train_toy, epochs=4, hidden=(16, 16), **ADAMW)
 
 
 def prepared(method, hidden=(8, 6), epochs=10, steps=10, seed=0):
@@ -32,22 +24,6 @@ def prepared(method, hidden=(8, 6), epochs=10, steps=10, seed=0):
     model = MLP(input_shape=(3,), num_classes=2, hidden=list(hidden))
     model = method.prepare(model, Plan(epochs=epochs, steps_per_epoch=steps, seed=seed, device=CPU))
     return model
-
-
-def run(method, tmp_path, epochs=4, seed=0):
-    torch.manual_seed(seed)
-    data = moons(n_samples=256, seed=seed)
-    model = MLP(input_shape=(2,), num_classes=2, hidden=[16, 16])
-    summary = train(
-        data=data,
-        model=model,
-        method=method,
-        schedule=schedule(epochs),
-        run_dir=tmp_path,
-        seed=seed,
-        device=CPU,
-    )
-    return summary, model
 
 
 def test_forward_is_masked_linear():
@@ -86,7 +62,7 @@ def test_two_optimisers_own_disjoint_sets_covering_every_parameter():
     method = MorphoNet()
     model = prepared(method)
     slots = method.configure_optimizers(
-        model, schedule(), Plan(epochs=10, steps_per_epoch=10, seed=0, device=CPU)
+        model, toy_schedule(4, **ADAMW), Plan(epochs=10, steps_per_epoch=10, seed=0, device=CPU)
     )
     assert [s.name for s in slots] == ["weights", "mask"]
     owned = [{id(p) for g in s.optimizer.param_groups for p in g["params"]} for s in slots]

@@ -1,6 +1,5 @@
 """PlasticNet: the plastic ResNet's forward pass, rewiring invariants, criteria, seeding, checkpoints, runs."""
 
-import functools
 import json
 
 import pytest
@@ -14,9 +13,10 @@ from structlearn.methods.plasticnet import PlasticNet
 from structlearn.models.plastic import PlasticResNet
 from structlearn.models.resnet50 import ResNet50
 from structlearn.run import execute
-from structlearn.runner import train, train_step
-from structlearn.schedules import LRSchedule, TrainSchedule
+from structlearn.runner import train_step
 from structlearn.utils import ConfigError
+
+from .conftest import toy_schedule, train_toy
 
 CPU = torch.device("cpu")
 TINY = {"stem_width": 4, "widths": [8, 8, 16, 16]}  # the seed's 18-slot backbone at 1/64 of its width
@@ -42,20 +42,14 @@ def tiny_model(seed=0, **kwargs):
     return PlasticResNet((3, 8, 8), 10, **{**TINY, "seed": seed, **kwargs})
 
 
-def schedule(epochs=1, batch_size=8, lr=1e-2):
-    return TrainSchedule(
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=functools.partial(torch.optim.Adam, lr=lr),
-        lr_schedule=functools.partial(LRSchedule, decay="constant"),
-    )
+ADAM = {"optimizer": torch.optim.Adam, "decay": "constant", "batch_size": 8, "lr": 1e-2}
 
 
 def setup(model, method, steps_per_epoch=4, epochs=4, seed=0):
     """prepare + configure_optimizers as the runner does; returns the optimiser slots."""
     plan = Plan(epochs=epochs, steps_per_epoch=steps_per_epoch, seed=seed, device=CPU)
     model = method.prepare(model, plan)
-    return method.configure_optimizers(model, schedule(epochs), plan)
+    return method.configure_optimizers(model, toy_schedule(epochs, **ADAM), plan)
 
 
 def batch(seed=0, n=8):
@@ -257,9 +251,7 @@ def run_rewirings(run_dir, seed, criterion):
     x, y = torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
     data = InMemoryDataset("images", x, y, x[:8], y[:8], num_classes=10)
     method = PlasticNet(criterion=criterion, rewire_every=1)
-    summary = train(
-        data=data, model=model, method=method, schedule=schedule(2), run_dir=run_dir, seed=seed, device=CPU
-    )
+    summary, _ = train_toy(method, run_dir, epochs=2, seed=seed, data=data, model=model, **ADAM)
     assert summary["status"] == "completed"
     return [(r["removed"], r["added"]) for r in method.log[1:]]
 
@@ -288,7 +280,7 @@ def test_a_checkpoint_round_trip_restores_the_path_graph(tmp_path):
     resumed_slots = setup(fresh, resumed)
     resumed.load_state_dict(ckpt["method"])
     fresh.load_state_dict(ckpt["model"])  # strict: every saved path module exists again
-    resumed_slots = resumed.configure_optimizers(fresh, schedule(4), Plan(4, 4, 0, CPU))
+    resumed_slots = resumed.configure_optimizers(fresh, toy_schedule(4, **ADAM), Plan(4, 4, 0, CPU))
     assert fresh.graph() == model.graph() and fresh.gates() == model.gates()
     model.eval(), fresh.eval()
     x = batch(9)[0]

@@ -64,7 +64,7 @@ BASE = [
     "logger=none",
     "device=cpu",
     "threads=1",
-    "checkpoint.every=1",
+    "checkpoint.every_epochs=1",
     "schedule.epochs=3",
     "analysis.randomizations=3",
 ]
@@ -94,7 +94,7 @@ RUNS = {
         "dataset=moons",
         *TOY_SIZES["moons"],
         "method.update_every=3",
-        "analysis.every=1",
+        "analysis.every_epochs=1",
     ],
     "urn": ["method=urn", "dataset=spheres", *TOY_SIZES["spheres"], "model.size=40"],
     "plasticnet": PLASTIC,
@@ -303,7 +303,7 @@ def test_sigterm_checkpoints_mid_epoch_exits_143_and_resumes_exactly(
     make_cfg, tmp_path, references, tmp_path_factory, name
 ):
     reference = _reference(make_cfg, references, tmp_path_factory, name)
-    overrides = [*BASE, *RUNS[name], "checkpoint.every=0"]  # no epoch checkpoints: only the signal's
+    overrides = [*BASE, *RUNS[name], "checkpoint.every_epochs=0"]  # no epoch checkpoints: only the signal's
     per_epoch = int(_metrics(reference)[0]["step"])
     step = random.Random(f"sigterm {name}").randrange(per_epoch + 1, 2 * per_epoch)  # inside epoch 2
     assert _in_child(overrides, tmp_path, sigterm_at=step) == 128 + signal.SIGTERM
@@ -312,7 +312,7 @@ def test_sigterm_checkpoints_mid_epoch_exits_143_and_resumes_exactly(
     assert f"resume={tmp_path}" in summary["error"]
     state = ckpt.load(RunDir(tmp_path).checkpoint)
     assert state["position"] == {"epoch": 1, "batch": step - per_epoch, "step": step}  # mid-epoch
-    resumed = execute(make_cfg(*BASE, *RUNS[name], "checkpoint.every=0", f"resume={tmp_path}"), tmp_path)
+    resumed = execute(make_cfg(*BASE, *RUNS[name], "checkpoint.every_epochs=0", f"resume={tmp_path}"), tmp_path)
     assert resumed["status"] == "completed"
     _assert_same_run(tmp_path, reference)
 
@@ -328,7 +328,7 @@ def test_a_bypassed_signal_checkpoints_and_training_goes_on(
     )
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
     try:
-        summary = execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every=0"), tmp_path)
+        summary = execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every_epochs=0"), tmp_path)
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert seen == [signal.SIGUSR1]  # the handler installed before the run got the signal, once
@@ -340,7 +340,7 @@ def test_a_bypassed_signal_checkpoints_and_training_goes_on(
 
 
 def test_a_checkpoint_from_another_config_is_refused_naming_the_difference(make_cfg, tmp_path):
-    assert execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every=1"), tmp_path)["status"] == "completed"
+    assert execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every_epochs=1"), tmp_path)["status"] == "completed"
     (tmp_path / "summary.json").unlink()  # as if it had been killed after its last checkpoint
     with pytest.raises(ConfigError) as err:
         execute(make_cfg(*BASE, *RUNS["dense"], "schedule.epochs=5", f"resume={tmp_path}"), tmp_path)
@@ -428,7 +428,7 @@ def test_a_non_finite_gradient_marks_the_run_diverged_and_keeps_metrics_and_chec
         run_dir=tmp_path,
         seed=0,
         device=torch.device("cpu"),
-        checkpointing=Checkpointing(every=1),
+        checkpointing=Checkpointing(every_epochs=1),
     )
     assert summary["status"] == "diverged"
     assert "non-finite gradient in epoch 3" in summary["error"]  # its loss was finite
@@ -505,14 +505,14 @@ def test_a_full_disk_fails_at_start(tmp_path, monkeypatch):
             run_dir=tmp_path,
             seed=0,
             device=torch.device("cpu"),
-            checkpointing=Checkpointing(every=1),
+            checkpointing=Checkpointing(every_epochs=1),
         )
     assert not (tmp_path / "metrics.csv").exists()  # nothing was trained
 
 
 def test_checkpoint_every_is_validated(make_cfg, tmp_path):
-    with pytest.raises(ConfigError, match=r"checkpoint.every=-1 is invalid: must be an integer >= 0"):
-        execute(make_cfg(*BASE, "checkpoint.every=-1"), tmp_path)
+    with pytest.raises(ConfigError, match=r"checkpoint.every_epochs=-1 is invalid: must be an integer >= 0"):
+        execute(make_cfg(*BASE, "checkpoint.every_epochs=-1"), tmp_path)
 
 
 # -- the command line -----------------------------------------------------------------------------
@@ -545,7 +545,7 @@ LONG_RUN = [
     "dataset.n_samples=1000",
     "schedule.batch_size=8",
     "schedule.epochs=15",
-    "checkpoint.every=0",
+    "checkpoint.every_epochs=0",
 ]
 
 

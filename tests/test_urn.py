@@ -15,9 +15,9 @@ from structlearn.models.mlp import MLP
 from structlearn.models.urn import URN as URNModel
 from structlearn.models.urn import central_outputs
 from structlearn.run import execute
-from structlearn.runner import train
-from structlearn.schedules import LRSchedule, TrainSchedule
 from structlearn.utils import ConfigError, build
+
+from .conftest import train_toy
 
 CPU = torch.device("cpu")
 
@@ -32,6 +32,7 @@ def _one_thread():
 
 
 PLAN = Plan(epochs=1, steps_per_epoch=1, seed=0, device=CPU)
+ADAM = {"optimizer": torch.optim.Adam, "decay": "constant", "lr": 7e-4}  # the runs' schedule
 
 # A 4-neuron URN with one input (neuron 0) and one output (neuron 3), worked by hand below.
 W4 = torch.tensor([[0.0, 0, 0, 0], [2, 0, 0, 0], [-1, 1, 0, 0], [0, 0, 3, 1]])
@@ -267,15 +268,6 @@ def test_method_reads_the_evaluation_pass_through_its_hook():
     assert metrics["emergent/neurons"] == 2  # the outputs are always part of the network
 
 
-def toy_schedule(epochs):
-    return TrainSchedule(
-        epochs=epochs,
-        batch_size=32,
-        optimizer=lambda params: torch.optim.Adam(params, lr=7e-4),
-        lr_schedule=lambda total_steps: LRSchedule(total_steps, decay="constant"),
-    )
-
-
 def test_end_to_end_on_spheres_prunes_and_writes_the_readout(tmp_path):
     torch.manual_seed(0)
     data = spheres(n_samples=300, seed=0)
@@ -287,9 +279,7 @@ def test_end_to_end_on_spheres_prunes_and_writes_the_readout(tmp_path):
         model.bias[20:40] = -50.0
     assert model.weight[:, 20:40].abs().sum() > 0  # ...but they have outgoing weights until the prune
     method = URN(c_W=1e-4, c_N=1e-3)
-    summary = train(
-        data=data, model=model, method=method, schedule=toy_schedule(3), run_dir=tmp_path, seed=0, device=CPU
-    )
+    summary, _ = train_toy(method, tmp_path, epochs=3, data=data, model=model, **ADAM)
     assert summary["status"] == "completed", summary.get("error")
     structure = summary["structure"]
     assert structure["prune/applied"] == 1.0 and structure["prune/max_logit_diff"] == 0.0
@@ -313,9 +303,7 @@ def test_geometric_run_on_digits_has_the_synaptic_term_and_z_directions(tmp_path
     data = digits(seed=0)
     model = URNModel(data.input_shape, 10, size=None, grid=[8, 8, 3], outputs="center")
     method = URN(c_syn=1e-5, gamma=1.0, prune=False)
-    summary = train(
-        data=data, model=model, method=method, schedule=toy_schedule(1), run_dir=tmp_path, seed=0, device=CPU
-    )
+    summary, _ = train_toy(method, tmp_path, epochs=1, data=data, model=model, **ADAM)
     assert summary["status"] == "completed", summary.get("error")
     assert "before_finalize" not in summary  # prune=False: the function is unchanged
     s = summary["structure"]

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from structlearn.report import _pyplot, load_runs
+from structlearn.plotting import figure
+from structlearn.report import load_runs
 
 KEYS = (
     "z/bifan",
@@ -81,10 +82,10 @@ def tables(runs: pd.DataFrame) -> str:
 
 
 def plot_profiles(runs: pd.DataFrame, path: Path) -> None:
-    plt = _pyplot()
     datasets = sorted(runs.dataset.unique())
     keys = ("z/bifan", "z/diamond", "z/balance/diamond")  # an MLP has no feed-forward loops (no skip edges)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), sharey=True, squeeze=False)
+    fig = figure(figsize=(5 * len(datasets), 4))
+    axes = fig.subplots(1, len(datasets), sharey=True, squeeze=False)
     width = 0.8 / len(METHODS)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for i, method in enumerate(METHODS):
@@ -106,13 +107,12 @@ def plot_profiles(runs: pd.DataFrame, path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_trajectories(runs: pd.DataFrame, path: Path, key: str = "z/bifan") -> None:
-    plt = _pyplot()
     datasets = sorted(runs.dataset.unique())
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.5), sharey=True, squeeze=False)
+    fig = figure(figsize=(5 * len(datasets), 3.5))
+    axes = fig.subplots(1, len(datasets), sharey=True, squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for method in METHODS:
             frames = []
@@ -131,7 +131,6 @@ def plot_trajectories(runs: pd.DataFrame, path: Path, key: str = "z/bifan") -> N
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:

@@ -270,7 +270,7 @@ def plot_curves(runs: pd.DataFrame, by: Sequence[str], path: Path, columns: Sequ
     groups = done.groupby(list(by), dropna=False, sort=True) if by else [((), done)]
     for values, group in groups:
         values = values if isinstance(values, tuple) else (values,)
-        frames = [pd.read_csvRunDir(d).metrics for d in group["run_dir"] if RunDir(d).metrics.exists()]
+        frames = [pd.read_csv(RunDir(d).metrics) for d in group["run_dir"] if RunDir(d).metrics.exists()]
         if not frames:
             continue
         curves = pd.concat(frames).groupby("epoch").mean(numeric_only=True)

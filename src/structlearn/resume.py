@@ -75,15 +75,7 @@ def plan_start(run_dir: RunDir, config: Mapping[str, Any], explicit: str | None)
     Raises:
         ConfigError: one line (and one per config difference) saying why the directory is refused.
     """
-    if explicit:
-        check_resumable(explicit)
-        if Path(explicit).resolve() != run_dir.path.resolve():
-            raise ConfigError(
-                f"resume={explicit!r} is invalid: a run continues in its own directory, but this job "
-                f"writes to {run_dir.path} (resume applies to single runs; a sweep job resumes by itself "
-                "when it is started again in the same sweep directory)"
-            )
-    check_not_foreign(run_dir)
+    check_target(run_dir, explicit)
     if run_dir.is_run():
         _check_same_config(run_dir, config)
     finished = _finished(run_dir)
@@ -103,6 +95,19 @@ def plan_start(run_dir: RunDir, config: Mapping[str, Any], explicit: str | None)
     except ckpt.CheckpointMismatch as exc:
         raise ConfigError(str(exc)) from exc
     return Start(checkpoint=saved)
+
+
+def check_target(run_dir: RunDir, explicit: str | None) -> None:
+    """The job may write into ``run_dir``: ``resume=`` names it and it is a run, or it is a run or new."""
+    if explicit:
+        check_resumable(explicit)
+        if Path(explicit).resolve() != run_dir.path.resolve():
+            raise ConfigError(
+                f"resume={explicit!r} is invalid: a run continues in its own directory, but this job "
+                f"writes to {run_dir.path} (resume applies to single runs; a sweep job resumes by itself "
+                "when it is started again in the same sweep directory)"
+            )
+    check_not_foreign(run_dir)
 
 
 def check_resumable(path: str) -> RunDir:

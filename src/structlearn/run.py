@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from structlearn.resume import check_not_foreign, code_version, plan_start, with_saved_overrides
+from structlearn.resume import check_not_foreign, check_target, code_version, plan_start, with_saved_overrides
 from structlearn.run_dir import RunDir
 from structlearn.runner import PRECISIONS, train
 from structlearn.utils import (
@@ -82,7 +82,7 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
     a refused directory is left untouched.
     """
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    check_not_foreign(run_dir)  # before the lock file is made in it
+    check_target(run_dir, cfg.get("resume"))  # before the lock file is made in it
     with run_dir.lock():
         config = OmegaConf.to_container(cfg, resolve=True)
         start = plan_start(run_dir, config, cfg.get("resume"))

@@ -33,23 +33,25 @@ class Checkpointing:
     """When to write ``checkpoint.pt`` (the ``checkpoint`` config group).
 
     Attributes:
-        every: epochs between checkpoints; the last epoch always writes one, and so does a
+        every_epochs: epochs between checkpoints; the last epoch always writes one, and so does a
             preemption signal (SIGTERM, SIGUSR1, SIGUSR2) at the next step boundary. 0: only those.
     """
 
-    every: int = 5
+    every_epochs: int = 5
 
     def __post_init__(self) -> None:
         check(
-            isinstance(self.every, int) and not isinstance(self.every, bool) and self.every >= 0,
-            "every",
-            self.every,
+            isinstance(self.every_epochs, int)
+            and not isinstance(self.every_epochs, bool)
+            and self.every_epochs >= 0,
+            "every_epochs",
+            self.every_epochs,
             "must be an integer >= 0 (epochs between checkpoints; 0: only at the end)",
         )
 
     def due(self, epoch: int, last: bool) -> bool:
         """Whether a checkpoint is written after ``epoch`` (1-based) epochs."""
-        return last or bool(self.every and epoch % self.every == 0)
+        return last or bool(self.every_epochs and epoch % self.every_epochs == 0)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import csv
 import functools
 import io
 import json
+import math
 import os
 import random
 import re
@@ -213,6 +214,43 @@ def check_output_dir(path: str | Path) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def json_plain(obj: Any) -> Any:
+    """``obj`` as what JSON holds, recursively: what ``json.dumps`` writes as standard JSON.
+
+    Mappings become dicts (keys kept), lists, tuples and NumPy arrays become lists, NumPy scalars
+    become Python ones, and non-finite floats (NaN, +-Infinity, which JSON does not have) become
+    None; every other value is returned as it is.
+    """
+    if isinstance(obj, Mapping):
+        return {key: json_plain(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_plain(value) for value in obj]
+    if isinstance(obj, np.ndarray | np.generic):
+        return json_plain(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``.
+
+    Lists stay values, and so does an empty mapping below the top (``{"a": {}}`` ->
+    ``{"a": {}}``), so that an empty section and a missing one differ. A ``tree`` that is not a
+    mapping is the single value ``{prefix: tree}``.
+
+    Args:
+        tree: the nested mappings (a config, ``summary.json``).
+        prefix: the dotted key of ``tree`` itself, prepended to every key ("" at the top).
+    """
+    if not isinstance(tree, Mapping) or (prefix and not tree):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def git_sha(cwd: str | Path | None = None) -> str | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from structlearn.analysis.motifs import BALANCE, MOTIFS, MotifProfile
-from structlearn.report import _pyplot
+from structlearn.plotting import figure
 
 DEFAULT_KEYS = tuple(k for k in (*MOTIFS, *BALANCE) if k not in ("convergent", "divergent"))
 Z_GUIDE = 2.0  # |z| above this is conventionally called significant
@@ -68,8 +68,8 @@ def plot_profile(
         else profiles
     )
     columns = _z_columns(frame, keys)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(keys) + 2.0), 4.0))
+    fig = figure(figsize=(max(6.0, 0.9 * len(keys) + 2.0), 4.0))
+    ax = fig.subplots()
     width = 0.8 / len(frame)
     x = np.arange(len(keys))
     for k, (name, row) in enumerate(frame.iterrows()):
@@ -79,7 +79,6 @@ def plot_profile(
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return Path(path)
 
 
@@ -97,8 +96,8 @@ def plot_trajectory(rows: pd.DataFrame, path: str | Path, keys: Sequence[str] | 
         keys = [key for key in DEFAULT_KEYS if f"z/{key}" in rows.columns]
     columns = _z_columns(rows, keys)
     rows = rows.sort_values("epoch")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    fig = figure(figsize=(6.5, 4.0))
+    ax = fig.subplots()
     for key, column in zip(keys, columns, strict=True):
         ax.plot(rows["epoch"], rows[column].astype(float), marker="o", markersize=3, label=key)
     ax.set_xlabel("epoch")
@@ -106,5 +105,4 @@ def plot_trajectory(rows: pd.DataFrame, path: str | Path, keys: Sequence[str] | 
     ax.legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return Path(path)

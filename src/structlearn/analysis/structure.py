@@ -39,7 +39,7 @@ from structlearn.analysis.graph import SignedGraph, write_graph
 from structlearn.analysis.motifs import MotifProfile, motif_census, motif_profile
 from structlearn.analysis.plots import plot_profile, plot_trajectory
 from structlearn.analysis.topology import layer_stats, possible_edges, topology_summary
-from structlearn.utils import atomic_write_json, check, write_csv
+from structlearn.utils import atomic_write_json, check, json_plain, write_csv
 
 log = logging.getLogger("structlearn")
 
@@ -92,7 +92,7 @@ class StructureAnalysis:
 
     Args:
         at_end: analyse the final network (``structure/`` files, ``summary.json`` headline).
-        every: also analyse every this many epochs, at evaluation points (``trajectory.csv``);
+        every_epochs: also analyse every this many epochs, at evaluation points (``trajectory.csv``);
             null: only at the end. Each analysis costs a census per randomisation.
         randomizations: degree-preserving randomised graphs per analysis (z-scores); 0: counts
             and balance only.
@@ -107,7 +107,7 @@ class StructureAnalysis:
     def __init__(
         self,
         at_end: bool = True,
-        every: int | None = None,
+        every_epochs: int | None = None,
         randomizations: int = 20,
         swaps_per_edge: float = 10.0,
         by_sign: bool = False,
@@ -115,9 +115,9 @@ class StructureAnalysis:
         graphml_max_edges: int = 200_000,
     ) -> None:
         check(
-            every is None or (isinstance(every, int) and every >= 1),
-            "every",
-            every,
+            every_epochs is None or (isinstance(every_epochs, int) and every_epochs >= 1),
+            "every_epochs",
+            every_epochs,
             "must be an integer >= 1 or null",
         )
         check(
@@ -130,7 +130,7 @@ class StructureAnalysis:
         unknown = [e for e in export if e not in EXPORTS]
         check(not unknown, "export", list(export), f"each must be one of {EXPORTS}")
         check(graphml_max_edges >= 0, "graphml_max_edges", graphml_max_edges, "must be >= 0")
-        self.at_end, self.every = bool(at_end), every
+        self.at_end, self.every_epochs = bool(at_end), every_epochs
         self.randomizations, self.swaps_per_edge, self.by_sign = (
             randomizations,
             float(swaps_per_edge),
@@ -145,7 +145,7 @@ class StructureAnalysis:
 
     def __repr__(self) -> str:
         return (
-            f"StructureAnalysis(at_end={self.at_end}, every={self.every}, randomizations={self.randomizations}, "
+            f"StructureAnalysis(at_end={self.at_end}, every_epochs={self.every_epochs}, randomizations={self.randomizations}, "
             f"swaps_per_edge={self.swaps_per_edge}, by_sign={self.by_sign}, export={list(self.export)})"
         )
 
@@ -157,8 +157,8 @@ class StructureAnalysis:
         self._seed = seed
 
     def wants(self, epoch: int) -> bool:
-        """Whether the evaluation point after ``epoch`` is analysed (every ``every`` epochs)."""
-        return self.every is not None and epoch % self.every == 0
+        """Whether the evaluation point after ``epoch`` is analysed (every ``every_epochs`` epochs)."""
+        return self.every_epochs is not None and epoch % self.every_epochs == 0
 
     def observe(self, epoch: int, step: int, graph: SignedGraph | None) -> None:
         """At an evaluation point the runner chose by :meth:`wants`: analyse the network's graph.
@@ -238,8 +238,9 @@ class StructureAnalysis:
         """Write one analysis into ``out``: profile table, numbers, picture, graph files."""
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / "profile.json", out / "topology.json"]
-        atomic_write_json(paths[0], {k: _json_number(v) for k, v in numbers.items()})
-        atomic_write_json(paths[1], _plain(dataclasses.asdict(layer_stats(graph))))
+        # every number a float, counts too
+        atomic_write_json(paths[0], json_plain({k: float(v) for k, v in numbers.items()}))
+        atomic_write_json(paths[1], json_plain(dataclasses.asdict(layer_stats(graph))))
         if profile is not None:
             profile.table().to_csv(out / "profile.csv")
             paths += [out / "profile.csv", plot_profile({label: profile}, out / "profile.png")]
@@ -254,20 +255,3 @@ class StructureAnalysis:
                 continue
             paths.append(write_graph(graph, out / f"graph.{kind}"))
         return paths
-
-
-def _json_number(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
-
-
-def _plain(obj: Any) -> Any:
-    """Arrays as lists and non-finite floats as None, recursively: what JSON holds."""
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | np.ndarray):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return _json_number(float(obj))
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj

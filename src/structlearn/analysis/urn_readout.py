@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from structlearn.plotting import figure
+
 DIRECTIONS = ("forward", "backward", "lateral")
 
 
@@ -241,12 +243,6 @@ def pruned_difference(
 # -- pictures (the paper's Figures 3, 4 and 6) ---------------------------------------------------------
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no global backend state; savefig uses Agg
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
 def _boundaries(readout: Readout) -> list[float]:
     """Positions between consecutive levels in the sorted order (for separator lines)."""
     counts = torch.tensor(readout.layer_sizes).cumsum(0).tolist()
@@ -267,7 +263,7 @@ def plot_activity(readout: Readout, mean_activity: Tensor, path: Path, title: st
     """
     rows = mean_activity[:, readout.order].T.float()  # (K, I+1)
     data = (rows / rows.amax(dim=1, keepdim=True).clamp_min(1e-30)).cpu().numpy()
-    fig = _figure(4.2, 6.0)
+    fig = figure(figsize=(4.2, 6.0), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis")
     for y in _boundaries(readout):
@@ -295,7 +291,7 @@ def plot_weights(readout: Readout, weight: Tensor, path: Path, title: str = "", 
     data = sub.cpu().numpy()
     limit = float(torch.quantile(sub.abs().flatten()[:1_000_000], 0.995)) if sub.numel() else 1.0
     limit = limit or 1.0
-    fig = _figure(6.0, 5.4)
+    fig = figure(figsize=(6.0, 5.4), layout="constrained")
     ax = fig.add_subplot()
     if pooled:
         im = ax.imshow(data, cmap="magma", vmin=0, vmax=limit, interpolation="nearest")
@@ -326,7 +322,7 @@ def plot_connectome(
     idx = readout.keep.nonzero().squeeze(1)
     mass = submatrix(weight, idx).abs().float() * signal_pairs(readout.pattern, readout.keep)  # (K, K)
     n = min(max_edges, int((mass > 0).sum()))
-    fig = _figure(6.5, 4.0)
+    fig = figure(figsize=(6.5, 4.0), layout="constrained")
     ax = fig.add_subplot()
     c = coords[idx].float().cpu()
     if n > 0:

@@ -17,12 +17,12 @@ and around the steps of each epoch ``on_epoch_start`` and, at evaluation points,
 Every hook has a no-op default here, so the dense baseline is this class itself and a method
 overrides only what it changes. Randomness a method needs comes from its own ``torch.Generator``
 seeded in :meth:`Method.prepare` from ``plan.seed``, so rewiring is reproducible and independent
-of data order; include that generator's state in :meth:`state_dict`.
+of data order (:meth:`Plan.generator`); include that generator's state in :meth:`state_dict`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,9 @@ from torch import Tensor, nn
 
 from structlearn.analysis.graph import SignedGraph, model_graph
 from structlearn.schedules import TrainSchedule
+from structlearn.utils import check, clip_grad_norm
+
+METHOD_SEED_OFFSET = 7919  # a prime: a method's stream apart from the run's (model init, data order)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,31 @@ class Plan:
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
+    def generator(self, offset: int = METHOD_SEED_OFFSET) -> torch.Generator:
+        """A new CPU generator seeded with ``seed + offset``: a method's own random stream.
+
+        The default offset keeps the stream independent of the ones the runner seeds with
+        ``seed`` itself (model initialisation, data order); a method with several streams passes
+        another offset for each.
+        """
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    def steps(self, every: int | str) -> int:
+        """An interval in optimiser steps: ``every`` (an integer >= 1), or ``"epoch"`` for :attr:`steps_per_epoch`.
+
+        Raises:
+            ValueError: ``every`` is neither.
+        """
+        if every == "epoch":
+            return self.steps_per_epoch
+        check(
+            isinstance(every, int) and not isinstance(every, bool) and every >= 1,
+            "every",
+            every,
+            "must be an integer >= 1 (steps) or 'epoch'",
+        )
+        return every
+
 
 @dataclass
 class OptimizerSlot:
@@ -64,12 +92,47 @@ class OptimizerSlot:
         lr_schedule: step -> multiplier of the base lr (a pure function of the step).
         grad_clip: max global grad norm over this optimiser's parameters, or None.
         name: label used in metric names (``lr/<name>``).
+        clip_group: slots with the same ``clip_group`` are clipped together, one global norm over
+            all their parameters (they must share ``grad_clip``); None: this slot alone. Read by
+            :func:`clip_gradients`.
     """
 
     optimizer: torch.optim.Optimizer
     lr_schedule: Callable[[int], float]
     grad_clip: float | None = None
     name: str = "main"
+    clip_group: str | None = None
+
+
+def clip_gradients(slots: Sequence[OptimizerSlot], model: nn.Module) -> None:
+    """Clip gradients as the slots ask: each slot alone, or each ``clip_group`` of slots together.
+
+    A slot alone clips the global norm of its parameters, taken in its param groups' order, to its
+    ``grad_clip`` (:func:`~structlearn.utils.clip_grad_norm`). Slots sharing a ``clip_group`` clip one global norm over all their parameters,
+    taken in ``model.parameters()`` order: a group of every slot is exactly
+    ``clip_grad_norm(list(model.parameters()), grad_clip)``, whatever the split into optimisers.
+
+    Raises:
+        ValueError: the slots of a group do not share one ``grad_clip``.
+    """
+    groups: dict[str, tuple[float | None, set[int]]] = {}
+    for slot in slots:
+        params = [p for g in slot.optimizer.param_groups for p in g["params"]]
+        if slot.clip_group is None:
+            if slot.grad_clip is not None:
+                clip_grad_norm(params, slot.grad_clip)
+            continue
+        max_norm, ids = groups.setdefault(slot.clip_group, (slot.grad_clip, set()))
+        check(
+            slot.grad_clip == max_norm,
+            "grad_clip",
+            slot.grad_clip,
+            f"slot {slot.name!r} shares clip_group {slot.clip_group!r} with slots clipped at {max_norm}",
+        )
+        ids.update(id(p) for p in params)
+    for max_norm, ids in groups.values():
+        if max_norm is not None:
+            clip_grad_norm([p for p in model.parameters() if id(p) in ids], max_norm)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +73,10 @@ class DynamicSparse(MaskedMethod):
     is a multiple of the update interval and below ``end * total_steps``; the mask is untouched
     on every other step, where the hooks do no host synchronisation.
 
+    Every argument after ``density`` up to ``regrow_dropped`` left at None takes its value from
+    :attr:`DEFAULTS` (RigL's), which a subclass overrides with its paper's choices; so SET and RigL
+    share this one constructor and differ only in their defaults and :meth:`grow_scores`.
+
     Args:
         density: fraction of active weights over all sparse layers, in (0, 1].
         distribution: how the density is spread over layers: ``uniform``, ``erdos_renyi`` or ``erk``.
@@ -92,22 +97,49 @@ class DynamicSparse(MaskedMethod):
         dense_layers, first_layer_dense, last_layer_dense: see :class:`MaskedMethod`.
     """
 
+    DEFAULTS: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {
+            "distribution": "erk",
+            "update_every": 100,
+            "end": 0.75,
+            "drop_fraction": 0.3,
+            "drop_fraction_decay": "cosine",
+            "update_order": "instead_of_step",
+            "grow_init": "zero",
+            "reset_optimizer_state": True,
+            "regrow_dropped": False,
+        }
+    )
+    """What an argument left at None means: RigL's values; a subclass overrides those its paper changes."""
+
     def __init__(
         self,
         density: float = 0.1,
-        distribution: str = "erk",
-        update_every: int | str = 100,
-        end: float = 0.75,
-        drop_fraction: float = 0.3,
-        drop_fraction_decay: str = "cosine",
-        update_order: str = "instead_of_step",
-        grow_init: str = "zero",
-        reset_optimizer_state: bool = True,
-        regrow_dropped: bool = False,
+        distribution: str | None = None,
+        update_every: int | str | None = None,
+        end: float | None = None,
+        drop_fraction: float | None = None,
+        drop_fraction_decay: str | None = None,
+        update_order: str | None = None,
+        grow_init: str | None = None,
+        reset_optimizer_state: bool | None = None,
+        regrow_dropped: bool | None = None,
         dense_layers: Sequence[str] = (),
         first_layer_dense: bool = False,
         last_layer_dense: bool = False,
     ) -> None:
+        def chosen(name: str, value: Any) -> Any:
+            return self.DEFAULTS[name] if value is None else value
+
+        distribution = chosen("distribution", distribution)
+        update_every = chosen("update_every", update_every)
+        end = chosen("end", end)
+        drop_fraction = chosen("drop_fraction", drop_fraction)
+        drop_fraction_decay = chosen("drop_fraction_decay", drop_fraction_decay)
+        update_order = chosen("update_order", update_order)
+        grow_init = chosen("grow_init", grow_init)
+        reset_optimizer_state = chosen("reset_optimizer_state", reset_optimizer_state)
+        regrow_dropped = chosen("regrow_dropped", regrow_dropped)
         super().__init__(density, distribution, dense_layers, first_layer_dense, last_layer_dense)
         check(
             update_every == "epoch"
@@ -180,7 +212,7 @@ class DynamicSparse(MaskedMethod):
     # -- protocol ---------------------------------------------------------------------------------
 
     def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
-        self._every = plan.steps_per_epoch if self.update_every == "epoch" else int(self.update_every)
+        self._every = plan.steps(self.update_every)
         self._end_step = round(self.end * plan.total_steps)
         model = super().prepare(model, plan)
         self._sync_from_masks()
@@ -319,30 +351,19 @@ class SET(DynamicSparse):
     its optimiser every epoch). The paper drops the smallest positive and the largest negative
     weights separately; dropping by |w| is the same idea without the sign split (TF RigL's SET).
 
-    Args: as :class:`DynamicSparse`, with SET's defaults.
+    Args: as :class:`DynamicSparse`; :attr:`DEFAULTS` holds SET's choices.
     """
 
-    def __init__(
-        self,
-        density: float = 0.1,
-        distribution: str = "erdos_renyi",
-        update_every: int | str = "epoch",
-        end: float = 1.0,
-        drop_fraction: float = 0.3,
-        drop_fraction_decay: str = "constant",
-        update_order: str = "after_step",
-        grow_init: str = "zero",
-        reset_optimizer_state: bool = True,
-        regrow_dropped: bool = False,
-        dense_layers: Sequence[str] = (),
-        first_layer_dense: bool = False,
-        last_layer_dense: bool = False,
-    ) -> None:
-        super().__init__(
-            density, distribution, update_every, end, drop_fraction, drop_fraction_decay, update_order,
-            grow_init, reset_optimizer_state, regrow_dropped, dense_layers, first_layer_dense,
-            last_layer_dense,
-        )  # fmt: skip
+    DEFAULTS: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {
+            **DynamicSparse.DEFAULTS,
+            "distribution": "erdos_renyi",
+            "update_every": "epoch",
+            "end": 1.0,
+            "drop_fraction_decay": "constant",
+            "update_order": "after_step",
+        }
+    )
 
     def grow_scores(self, name: str, weight: Tensor, mask: Tensor) -> Tensor:
         """Uniform noise from the method's generator: growth uniformly at random among candidates."""
@@ -360,31 +381,12 @@ class RigL(DynamicSparse):
     and, as in its Algorithm 1 and the official code, no optimiser update on an update step
     (``update_order="instead_of_step"``; ``after_step`` is the order of most PyTorch ports).
 
-    Args: as :class:`DynamicSparse`, with RigL's defaults.
+    Args: as :class:`DynamicSparse`, whose :attr:`~DynamicSparse.DEFAULTS` are RigL's.
     """
 
-    def __init__(
-        self,
-        density: float = 0.1,
-        distribution: str = "erk",
-        update_every: int | str = 100,
-        end: float = 0.75,
-        drop_fraction: float = 0.3,
-        drop_fraction_decay: str = "cosine",
-        update_order: str = "instead_of_step",
-        grow_init: str = "zero",
-        reset_optimizer_state: bool = True,
-        regrow_dropped: bool = False,
-        dense_layers: Sequence[str] = (),
-        first_layer_dense: bool = False,
-        last_layer_dense: bool = False,
-    ) -> None:
-        super().__init__(
-            density, distribution, update_every, end, drop_fraction, drop_fraction_decay, update_order,
-            grow_init, reset_optimizer_state, regrow_dropped, dense_layers, first_layer_dense,
-            last_layer_dense,
-        )  # fmt: skip
-        self._grad_scores: dict[str, Tensor] = {}
+    def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
+        self._grad_scores: dict[str, Tensor] = {}  # |dL/dw| of the sparse weights on an update step
+        return super().prepare(model, plan)
 
     def observe_gradients(self) -> None:
         """Keep |dL/dw| of every sparse weight, copied before clipping or the skip clear ``.grad``."""

@@ -67,7 +67,7 @@ class MaskedMethod(Method):
     # -- protocol ---------------------------------------------------------------------------------
 
     def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
-        self._generator.manual_seed(plan.seed + 7919)  # offset: independent of the model-init stream
+        self._generator = plan.generator()
         self._weights = prunable_weights(
             model, self.dense_layers, self.first_layer_dense, self.last_layer_dense
         )

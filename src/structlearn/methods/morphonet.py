@@ -257,7 +257,7 @@ class MorphoNet(Method):
     # -- protocol ------------------------------------------------------------------------------------
 
     def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
-        self._generator.manual_seed(plan.seed + 7919)
+        self._generator = plan.generator()
         self._total_steps, self._epochs = plan.total_steps, plan.epochs
         self.layers = morphize(
             model,

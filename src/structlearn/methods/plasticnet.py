@@ -61,6 +61,7 @@ from torch import nn
 from structlearn.analysis.graph import HIDDEN, INPUT, OUTPUT, SignedGraph
 from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, count_parameters, default_slot
 from structlearn.models.plastic import PlasticResNet
+from structlearn.plotting import figure
 from structlearn.schedules import TrainSchedule
 from structlearn.utils import atomic_write_json, check
 
@@ -94,7 +95,8 @@ class PlasticNet(Method):
     ) -> None:
         check(criterion in CRITERIA, "criterion", criterion, f"must be one of {CRITERIA}")
         check(
-            rewire_every == "epoch" or (isinstance(rewire_every, int) and rewire_every >= 1),
+            rewire_every == "epoch"
+            or (isinstance(rewire_every, int) and not isinstance(rewire_every, bool) and rewire_every >= 1),
             "rewire_every",
             rewire_every,
             "must be an integer >= 1 or 'epoch'",
@@ -127,9 +129,9 @@ class PlasticNet(Method):
             "PlasticNet rewires the paths of a PlasticResNet (model=plastic_resnet)",
         )
         self._model = model
-        self._generator.manual_seed(plan.seed + 7919)  # offset: independent of the data-order stream
+        self._generator = plan.generator()
         self._steps_per_epoch = plan.steps_per_epoch
-        self._every = plan.steps_per_epoch if self.rewire_every == "epoch" else int(self.rewire_every)
+        self._every = plan.steps(self.rewire_every)
         epochs = plan.epochs if self.until_epoch is None else min(self.until_epoch, plan.epochs)
         self._stop_step = epochs * plan.steps_per_epoch
         self._log = [{"step": 0, "epoch": 0, "graph": model.graph(), "gates": model.gates()}]
@@ -369,9 +371,6 @@ def plot_path_graph(log: list[dict[str, Any]], num_nodes: int, path: Path, title
     """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     spans = sorted({(s, d) for rec in log for _, s, d in rec["graph"]})
     row = {span: i for i, span in enumerate(spans)}
     counts = torch.zeros(max(len(spans), 1), len(log))
@@ -379,10 +378,9 @@ def plot_path_graph(log: list[dict[str, Any]], num_nodes: int, path: Path, title
         for _, s, d in rec["graph"]:
             counts[row[(s, d)], col] += 1
     most = max(1, int(counts.max()))
-    fig, ax = plt.subplots(
-        figsize=(min(max(7.0, 2.5 + 0.25 * len(log)), 16), min(2.0 + 0.2 * len(spans), 14))
-    )
-    cmap = plt.get_cmap("Blues", most + 1)  # one shade per path count 0..most
+    fig = figure(figsize=(min(max(7.0, 2.5 + 0.25 * len(log)), 16), min(2.0 + 0.2 * len(spans), 14)))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["Blues"].resampled(most + 1)  # one shade per path count 0..most
     image = ax.imshow(
         counts.numpy(), aspect="auto", cmap=cmap, interpolation="nearest", vmin=-0.5, vmax=most + 0.5
     )
@@ -402,4 +400,3 @@ def plot_path_graph(log: list[dict[str, Any]], num_nodes: int, path: Path, title
     fig.colorbar(image, ax=ax, label="paths on the span", ticks=range(most + 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
