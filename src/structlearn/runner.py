@@ -25,13 +25,13 @@ from torch import Tensor, nn
 
 from structlearn import checkpoint as ckpt
 from structlearn.data.base import InMemoryDataset
-from structlearn.methods.base import Method, OptimizerSlot, Plan
+from structlearn.methods.base import Method, OptimizerSlot, Plan, clip_gradients
 from structlearn.preemption import PreemptionGuard
 from structlearn.recording import Recorder, RunInfo, Sink
 from structlearn.run_dir import RunDir
 from structlearn.run_state import Checkpoint, Checkpointing, RunState, restore_network, restore_optimizers
 from structlearn.schedules import TrainSchedule
-from structlearn.utils import ConfigError, clip_grad_norm
+from structlearn.utils import ConfigError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -144,9 +144,8 @@ def train_step(
         slot.optimizer.zero_grad(set_to_none=True)
     total.backward()
     method.after_backward(model, step)
+    clip_gradients(slots, model)
     for slot in slots:
-        if slot.grad_clip is not None:
-            clip_grad_norm([p for g in slot.optimizer.param_groups for p in g["params"]], slot.grad_clip)
         slot.optimizer.step()
     event = method.after_step(model, step, slots)
     return StepResult(loss, logits, extras, event)

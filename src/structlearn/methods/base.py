@@ -117,10 +117,11 @@ def clip_gradients(slots: Sequence[OptimizerSlot], model: nn.Module) -> None:
     """
     groups: dict[str, tuple[float | None, set[int]]] = {}
     for slot in slots:
+        if slot.grad_clip is None and slot.clip_group is None:
+            continue  # the common case, checked first: this runs at every step
         params = [p for g in slot.optimizer.param_groups for p in g["params"]]
         if slot.clip_group is None:
-            if slot.grad_clip is not None:
-                clip_grad_norm(params, slot.grad_clip)
+            clip_grad_norm(params, slot.grad_clip)
             continue
         max_norm, ids = groups.setdefault(slot.clip_group, (slot.grad_clip, set()))
         check(

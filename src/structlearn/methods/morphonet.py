@@ -38,7 +38,7 @@ from structlearn.analysis.graph import SignedGraph, model_graph
 from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, count_parameters, default_slot
 from structlearn.schedules import TrainSchedule, cosine
 from structlearn.sparse.masks import prunable_weights
-from structlearn.utils import check, clip_grad_norm
+from structlearn.utils import check
 
 PENALTIES = ("quadratic", "hinge", "l1_mean", "none")
 DENSITY_SCHEDULES = ("cosine", "constant")
@@ -279,6 +279,11 @@ class MorphoNet(Method):
     def configure_optimizers(
         self, model: nn.Module, schedule: TrainSchedule, plan: Plan
     ) -> list[OptimizerSlot]:
+        if self.grad_clip is not None and schedule.grad_clip is not None:
+            raise ValueError(
+                f"grad_clip={self.grad_clip} and schedule.grad_clip={schedule.grad_clip}: MorphoNet clips one "
+                "norm over weights and logits; set one of them to null"
+            )
         logit_ids = {id(layer.logits) for layer in self.layers.values()}
         weights = [p for p in model.parameters() if id(p) not in logit_ids]
         slots = [default_slot(weights, schedule, plan.total_steps, name="weights")]
@@ -287,6 +292,9 @@ class MorphoNet(Method):
             slots.append(
                 OptimizerSlot(self.mask_optimizer(logits), lr_schedule=lambda step: 1.0, name="mask")
             )
+        if self.grad_clip is not None:  # one global norm over both slots, clipped by the runner
+            for slot in slots:
+                slot.grad_clip, slot.clip_group = self.grad_clip, "all"
         return slots
 
     def on_epoch_start(self, model: nn.Module, epoch: int, step: int) -> None:
@@ -313,10 +321,6 @@ class MorphoNet(Method):
             else:  # l1_mean: the public code's constant pressure
                 total = total + mean
         return {"sparsity": self.penalty_weight * total}
-
-    def after_backward(self, model: nn.Module, step: int) -> None:
-        if self.grad_clip is not None:
-            clip_grad_norm(list(model.parameters()), self.grad_clip)
 
     @torch.no_grad()
     def structure_metrics(self, model: nn.Module) -> dict[str, float]:
