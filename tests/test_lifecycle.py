@@ -81,7 +81,7 @@ def test_a_directory_holding_a_run_of_another_config_is_refused_untouched(make_c
     before = _snapshot(tmp_path)
     with pytest.raises(ConfigError, match=r"holds a run with another config") as err:
         execute(make_cfg(*FAST, "method=static"), tmp_path)
-    assert "method._target_: 'structlearn.methods.Dense' in the run's config" in str(err.value)
+    assert "method._target_: 'structlearn.methods.base.Dense' in the run's config" in str(err.value)
     assert _snapshot(tmp_path) == before
 
 

@@ -194,6 +194,15 @@ def _grads_finite(slots: Sequence[OptimizerSlot]) -> bool:
     return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
 
 
+@contextlib.contextmanager
+def _method_settings() -> Iterator[None]:
+    """A method whose settings do not fit the model or the schedule raises ValueError: a config error."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ConfigError(f"method: {exc}") from exc
+
+
 @dataclass
 class _Loop:
     """The objects of one run, built once by :meth:`setup`; each method is one phase of :func:`train`."""
@@ -224,13 +233,12 @@ class _Loop:
         resume: Checkpoint | None,
     ) -> _Loop:
         """Data and model on the device, the method's structure (restored on resume), the optimisers."""
-        try:
+        with _method_settings():
             model = method.prepare(model.to(plan.device), plan)
-        except ValueError as exc:  # the method's settings do not fit this model: a config error
-            raise ConfigError(f"method: {exc}") from exc
         if resume is not None:  # the structure first (paths, masks): optimisers are built on it
             restore_network(model, method, resume)
-        slots = method.configure_optimizers(model, schedule, plan)
+        with _method_settings():
+            slots = method.configure_optimizers(model, schedule, plan)
         if resume is None:
             _check_slots(model, slots)
         else:  # the layout the run had (a method may leave parameters out on purpose, e.g. new paths)
