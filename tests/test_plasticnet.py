@@ -1,6 +1,7 @@
 """PlasticNet: the plastic ResNet's forward pass, rewiring invariants, criteria, seeding, checkpoints, runs."""
 
 import json
+from argparse import Namespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from structlearn.methods.plasticnet import PlasticNet
 from structlearn.models.plastic import PlasticResNet
 from structlearn.models.resnet50 import ResNet50
 from structlearn.run import execute
+from structlearn.run_state import restore_network
 from structlearn.runner import train_step
 from structlearn.utils import ConfigError
 
@@ -278,8 +280,7 @@ def test_a_checkpoint_round_trip_restores_the_path_graph(tmp_path):
     assert fresh.graph() != model.graph()
     resumed = PlasticNet(criterion="gradient", rewire_every=1, train_new_paths=False)
     resumed_slots = setup(fresh, resumed)
-    resumed.load_state_dict(ckpt["method"])
-    fresh.load_state_dict(ckpt["model"])  # strict: every saved path module exists again
+    restore_network(fresh, resumed, Namespace(**ckpt))  # the model (graph, weights), then the method
     resumed_slots = resumed.configure_optimizers(fresh, toy_schedule(4, **ADAM), Plan(4, 4, 0, CPU))
     assert fresh.graph() == model.graph() and fresh.gates() == model.gates()
     model.eval(), fresh.eval()
@@ -291,10 +292,11 @@ def test_a_checkpoint_round_trip_restores_the_path_graph(tmp_path):
     assert [fresh.sample_span(resumed._generator) for _ in range(5)] == [
         model.sample_span(method._generator) for _ in range(5)
     ]
-    # The model's own state_dict carries the graph: loading it alone rebuilds the paths too.
+    # The graph is saved once, in the model's state_dict: loading it alone rebuilds the paths.
+    assert "graph" not in ckpt["method"]
     alone = tiny_model(seed=7)
     alone.load_state_dict(ckpt["model"])
-    assert alone.graph() == ckpt["method"]["graph"]
+    assert alone.graph() == model.graph()
 
 
 def test_plasticnet_refuses_a_model_without_paths():

@@ -312,7 +312,9 @@ def test_sigterm_checkpoints_mid_epoch_exits_143_and_resumes_exactly(
     assert f"resume={tmp_path}" in summary["error"]
     state = ckpt.load(RunDir(tmp_path).checkpoint)
     assert state["position"] == {"epoch": 1, "batch": step - per_epoch, "step": step}  # mid-epoch
-    resumed = execute(make_cfg(*BASE, *RUNS[name], "checkpoint.every_epochs=0", f"resume={tmp_path}"), tmp_path)
+    resumed = execute(
+        make_cfg(*BASE, *RUNS[name], "checkpoint.every_epochs=0", f"resume={tmp_path}"), tmp_path
+    )
     assert resumed["status"] == "completed"
     _assert_same_run(tmp_path, reference)
 
@@ -340,7 +342,10 @@ def test_a_bypassed_signal_checkpoints_and_training_goes_on(
 
 
 def test_a_checkpoint_from_another_config_is_refused_naming_the_difference(make_cfg, tmp_path):
-    assert execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every_epochs=1"), tmp_path)["status"] == "completed"
+    assert (
+        execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every_epochs=1"), tmp_path)["status"]
+        == "completed"
+    )
     (tmp_path / "summary.json").unlink()  # as if it had been killed after its last checkpoint
     with pytest.raises(ConfigError) as err:
         execute(make_cfg(*BASE, *RUNS["dense"], "schedule.epochs=5", f"resume={tmp_path}"), tmp_path)

@@ -46,7 +46,9 @@ def _masked(model, method):
 
 
 def test_analysis_every_n_epochs_gives_a_trajectory(make_cfg, tmp_path):
-    summary = execute(make_cfg(*RUN, "method=set", "analysis.every_epochs=2", "analysis.randomizations=3"), tmp_path)
+    summary = execute(
+        make_cfg(*RUN, "method=set", "analysis.every_epochs=2", "analysis.randomizations=3"), tmp_path
+    )
     with open(tmp_path / "structure" / "trajectory.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [2, 4]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from structlearn.utils import atomic_write
+from structlearn.utils import atomic_write, flatten
 
 FORMAT_VERSION = 2  # 2: the schema of structlearn.run_state.Checkpoint
 
@@ -112,16 +112,6 @@ def _plain(obj: Any) -> Any:
 
 
 # -- what made the checkpoint ---------------------------------------------------------------------
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
-    if not isinstance(tree, Mapping) or (prefix and not tree):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def config_differences(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import secrets
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from structlearn.run_dir import RunDir
-from structlearn.utils import atomic_write_json, atomic_write_text, check, write_csv
+from structlearn.utils import atomic_write_json, atomic_write_text, check, json_plain, write_csv
 
 if TYPE_CHECKING:
     from structlearn.analysis.graph import SignedGraph
@@ -203,7 +202,7 @@ class RunRecord:
                     os.fsync(f.fileno())
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        atomic_write_json(self.summary_path, _finite(summary))
+        atomic_write_json(self.summary_path, json_plain(summary))
 
 
 class Recorder:
@@ -285,17 +284,6 @@ class Recorder:
             except Exception:  # a broken sink never hides the run's own outcome
                 log.exception("sink %s failed to finish", type(sink).__name__)
         self._started = []
-
-
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN or Infinity: replace them by None (and say so in the value's place)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 WANDB_MODES = ("online", "offline", "disabled")

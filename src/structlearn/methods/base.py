@@ -14,6 +14,12 @@ method it has. One training step is::
 and around the steps of each epoch ``on_epoch_start`` and, at evaluation points,
 ``structure_metrics``. At the end, ``finalize`` (e.g. a hard prune) and ``write_artifacts``.
 
+Contract at evaluation points: the runner calls ``structure_metrics`` right after an evaluation
+pass of the model in eval mode over the test split, with nothing in between, and so also at the
+end (after ``finalize``, re-evaluated if it changed the network; a run resumed after finalising
+evaluates again first). A method may therefore read what its forward hooks collected during that
+pass (the URN reads which neurons fired).
+
 Every hook has a no-op default here, so the dense baseline is this class itself and a method
 overrides only what it changes. Randomness a method needs comes from its own ``torch.Generator``
 seeded in :meth:`Method.prepare` from ``plan.seed``, so rewiring is reproducible and independent
@@ -236,7 +242,11 @@ class Method:
         return {}
 
     def structure_metrics(self, model: nn.Module) -> dict[str, float]:
-        """Structure at an evaluation point (density per layer, temperature...), for ``metrics.csv``."""
+        """Structure at an evaluation point (density per layer, temperature...), for ``metrics.csv``.
+
+        Called right after an evaluation pass over the test split (see the module's contract), so
+        activity recorded by forward hooks during that pass describes the current network.
+        """
         return {}
 
     def finalize(self, model: nn.Module) -> bool:

@@ -39,12 +39,13 @@ The seed's other quirks are settings elsewhere: evaluation in train mode is the 
 ``eval_batch_stats``, no augmentation is ``dataset.augment=none``, no normalisation
 ``dataset.normalize=false``.
 
-**Checkpoints.** :meth:`PlasticNet.state_dict` holds the path graph, which paths are untrained, the
-generator state and the rewiring log. To resume: build the model and call :meth:`prepare`, then
-:meth:`load_state_dict` (it rebuilds the path modules the saved graph lists, with fresh weights),
-then ``model.load_state_dict`` (the saved weights; the model's own ``state_dict`` also carries the
-graph and rebuilds the paths by itself), then :meth:`configure_optimizers` (untrained paths stay out
-of the optimiser).
+**Checkpoints.** The path graph is saved once, in the model's ``state_dict`` (its extra state:
+``PlasticResNet.load_state_dict`` rebuilds the path modules the graph lists before loading their
+weights). :meth:`PlasticNet.state_dict` holds the rest: which paths are untrained, their
+accumulated gradients, the generator state and the rewiring log. To resume
+(:func:`structlearn.run_state.restore_network`): build the model and call :meth:`prepare`, then
+``model.load_state_dict`` (graph and weights), then :meth:`load_state_dict` (it refers to the
+restored paths), then :meth:`configure_optimizers` (untrained paths stay out of the optimiser).
 """
 
 from __future__ import annotations
@@ -274,7 +275,6 @@ class PlasticNet(Method):
     def state_dict(self) -> dict[str, Any]:
         assert self._model is not None, "state_dict() before prepare()"
         return {
-            "graph": self._model.graph(),
             "untrained": sorted(self._untrained),
             "generator": self._generator.get_state(),
             "log": json.loads(json.dumps(self._log)),  # plain containers, loadable with weights_only
@@ -289,8 +289,7 @@ class PlasticNet(Method):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        assert self._model is not None, "load_state_dict() before prepare()"
-        self._model.set_graph(state["graph"])
+        assert self._model is not None, "load_state_dict() before prepare() and model.load_state_dict()"
         self._untrained = set(state["untrained"])
         self._generator.set_state(state["generator"])
         self._log = list(state["log"])
