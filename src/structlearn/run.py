@@ -187,7 +187,7 @@ class OutputDirCheck(Callback):
     """
 
     def __init__(self) -> None:
-        self._sweep = contextlib.ExitStack()
+        self._sweep: RunDir | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = RunDir(config.hydra.run.dir)
@@ -200,10 +200,12 @@ class OutputDirCheck(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with _one_line_errors():
             check_output_dir(config.hydra.sweep.dir)
-            self._sweep.enter_context(RunDir(config.hydra.sweep.dir).lock())
+            self._sweep = RunDir(config.hydra.sweep.dir)
+            self._sweep.acquire()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._sweep.close()
+        if self._sweep is not None:
+            self._sweep.release()
 
 
 @contextlib.contextmanager

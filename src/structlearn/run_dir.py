@@ -159,13 +159,24 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[RunDir]:
-        """Hold the directory's exclusive lock; raise :class:`RunLocked` naming the holder if taken.
+        """Hold the directory's exclusive lock for the block (:meth:`acquire`, then :meth:`release`)."""
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def acquire(self) -> None:
+        """Take the directory's exclusive lock; raise :class:`RunLocked` naming the holder if taken.
 
         The lock is an ``flock`` on ``.lock``, so it goes with its process: a SIGKILLed writer
-        leaves no stale lock. While held, temporary files left by killed writers are removed.
+        leaves no stale lock. Once taken, temporary files left by killed writers are removed.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"output directory {self.path} is not writable ({exc.strerror or exc})") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -177,16 +188,21 @@ class RunDir:
                     "or choose another directory (hydra.run.dir=... or hydra.sweep.dir=...)"
                 ) from None
             raise
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self._lock_fd = fd
-            self.remove_stale_temps()
-            yield self
-        finally:
-            self._lock_fd = None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        self.remove_stale_temps()
+
+    def release(self) -> None:
+        """Give the lock back (closing its file releases it too, as a process's death does)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickled copy (a job shipped to another process) names the directory, never holds its lock."""
+        return {"path": self.path, "_lock_fd": None}
 
     @property
     def locked(self) -> bool:
