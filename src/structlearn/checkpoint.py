@@ -50,7 +50,7 @@ class CheckpointMismatch(ValueError):
 
 def save(path: str | Path, state: Mapping[str, Any]) -> None:
     """Write ``state`` with ``torch.save`` so that ``path`` is always a whole checkpoint (:func:`atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(dict(state), f))
+    atomic_write(path, lambda f: torch.save(dict(state), f), sync="dir")
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -141,7 +141,8 @@ class RunRecord:
     """The run's own files, independent of any sink: metrics.csv, events.jsonl, summary.json.
 
     Rows are appended and flushed as they come, so a killed run keeps every completed row. The
-    CSV header is the union of the keys seen; a row with a new key rewrites the file once.
+    CSV header is the union of the keys seen; a row with a new key rewrites the file once. The
+    file stays open between rows (appending costs a write, not an open) until :meth:`close`.
     """
 
     def __init__(self, run_dir: RunDir) -> None:
@@ -153,6 +154,8 @@ class RunRecord:
         self.rows: list[dict[str, float]] = []
         self.num_events = 0
         self._header: list[str] = []
+        self._file: Any = None  # metrics.csv, open for appending under self._header
+        self._writer: Any = None
 
     def restore(self, rows: list[Mapping[str, float]], num_events: int) -> None:
         """Continue a resumed run: exactly its first ``rows`` and ``num_events`` events, nothing after.
@@ -160,6 +163,7 @@ class RunRecord:
         Rows and events written after the checkpoint (and a line half-written by a kill) are
         dropped; the run writes them again as it repeats that work.
         """
+        self.close()
         self.rows, self._header = [dict(row) for row in rows], []
         if self.rows:
             self._header = write_csv(self.metrics_path, self.rows)
@@ -183,11 +187,20 @@ class RunRecord:
     def add_row(self, row: Mapping[str, float]) -> None:
         row = dict(row)
         self.rows.append(row)
-        if any(k not in self._header for k in row) or not self.metrics_path.exists():
+        if self._writer is None or any(k not in self._header for k in row):
+            self.close()  # a new key (or the first row): rewrite the file under the wider header
             self._header = write_csv(self.metrics_path, self.rows)
+            self._file = self.metrics_path.open("a", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=self._header)
         else:
-            with self.metrics_path.open("a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self._header).writerow(row)
+            self._writer.writerow(row)
+            self._file.flush()
+
+    def close(self) -> None:
+        """Close metrics.csv (rows written so far stay; the next row reopens it)."""
+        if self._file is not None:
+            self._file.close()
+        self._file = self._writer = None
 
     def add_event(self, event: Mapping[str, float], step: int) -> None:
         with self.events_path.open("a") as f:
@@ -202,7 +215,10 @@ class RunRecord:
                     os.fsync(f.fileno())
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        atomic_write_json(self.summary_path, json_plain(summary))
+        self.close()
+        # Not fsynced: a summary lost to a power cut is written again from the final checkpoint
+        # (which is), since a run without a completed summary resumes and finishes again.
+        atomic_write_json(self.summary_path, json_plain(summary), sync=None)
 
 
 class Recorder:

@@ -137,9 +137,9 @@ class RunDir:
         """Write the marker of a new run: its first overrides and its resolved config. Kept once written."""
         if not self.is_run():
             self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(
-                self.marker, {"format": MARKER_FORMAT, "overrides": list(overrides), "config": dict(config)}
-            )
+            # not fsynced here: the first checkpoint fsyncs the directory that holds it
+            marker = {"format": MARKER_FORMAT, "overrides": list(overrides), "config": dict(config)}
+            atomic_write_json(self.marker, marker, sync=None)
 
     def overrides(self) -> list[str] | None:
         """The run's own overrides (from the marker), or None when it has none.

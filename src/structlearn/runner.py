@@ -275,7 +275,7 @@ class _Loop:
         else:  # resumed mid-epoch: the same order and augmentation, from the same batch
             state.generator.set_state(state.epoch_generator)
         model.train()
-        refresh = max(1, min(50, self.plan.steps_per_epoch // 4))  # steps between progress reports
+        refresh = max(1, min(50, self.plan.steps_per_epoch // 2))  # steps between progress reports
         for b, (x, y) in enumerate(self.data.train_batches(batch_size, state.generator)):
             if b < pos.batch:
                 continue

@@ -147,13 +147,23 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(
+    path: str | Path, write: Callable[[BinaryIO], object], sync: str | None = "file"
+) -> None:
     """Replace ``path`` atomically with what ``write(file)`` writes: readers see the old file or the new one.
 
     The bytes go to a temporary file in the same directory (``.<name>.<random>.tmp``), which is
-    flushed and fsynced, renamed over ``path``, and the directory is fsynced: neither a kill nor a
-    power cut leaves a truncated file under ``path``. A failed write removes its temporary file;
-    one left by a killed writer is removed by the run directory's lock holder.
+    renamed over ``path``: a kill at any moment leaves the old file or the new one, never half of
+    one. A failed write removes its temporary file; one left by a killed writer is removed by the
+    run directory's lock holder.
+
+    Args:
+        path: the file to replace.
+        write: writes the new contents into the binary file it is given.
+        sync: how durable the new file is against a power cut: ``"dir"`` fsyncs the file before
+            the rename and the directory after it (checkpoints); ``"file"`` only the file
+            (summaries, markers); None neither (records rewritten often, fsynced before each
+            checkpoint that counts them).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -161,12 +171,15 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         os.chmod(tmp, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync is not None:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if sync != "dir":
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -174,9 +187,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         os.close(dir_fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, sync: str | None = "file") -> None:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()), sync)
 
 
 def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> list[str]:
@@ -186,7 +199,7 @@ def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> list[str]:
     writer = csv.DictWriter(text, fieldnames=header)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())
+    atomic_write_text(path, text.getvalue(), sync=None)  # fsynced with the rows before a checkpoint
     return header
 
 
@@ -211,9 +224,9 @@ def check_output_dir(path: str | Path) -> None:
         ) from exc
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, sync: str | None = "file") -> None:
+    """Atomically write ``obj`` as indented JSON (see :func:`atomic_write` for ``sync``)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", sync)
 
 
 def json_plain(obj: Any) -> Any:
