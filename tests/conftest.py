@@ -29,6 +29,15 @@ PYTHON = sys.executable
 
 # Overrides that make any toy run take well under a second.
 TINY = ["schedule.epochs=2", "logger=none", "device=cpu"]
+# A plastic ResNet small enough for toy data (the resume tests and the goldens train it).
+TINY_PLASTIC = [
+    "model.stem_width=4",
+    "model.widths=[8,8,16,16]",
+    "model.stage_slots=[2,2,2,2]",
+    "model.max_paths=6",
+    "schedule.batch_size=32",
+    "method.rewire_every=2",
+]
 TOY_SIZES = {
     "moons": ["dataset.n_samples=200"],
     "blobs": ["dataset.n_samples=200"],

@@ -19,6 +19,8 @@ from hydra import compose, initialize_config_dir
 
 from structlearn.run import CONF_DIR, execute
 
+from .conftest import TINY_PLASTIC
+
 GOLDEN = Path(__file__).resolve().parent / "golden"
 METHODS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
 COMMON = [
@@ -32,14 +34,7 @@ COMMON = [
 ]
 # One toy dataset per method: the small plastic ResNet and the URN as in the resume tests
 EXTRA: dict[str, list[str]] = {
-    "plasticnet": [
-        "model.stem_width=4",
-        "model.widths=[8,8,16,16]",
-        "model.stage_slots=[2,2,2,2]",
-        "model.max_paths=6",
-        "schedule.batch_size=32",
-        "method.rewire_every=2",
-    ],
+    "plasticnet": TINY_PLASTIC,
     "urn": ["dataset=spheres", "dataset.n_samples=200", "model.size=40"],
     "rigl": ["method.update_every=3", "analysis.every_epochs=1"],
     "gmp": ["method.update_every=2"],

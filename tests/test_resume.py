@@ -48,7 +48,7 @@ from structlearn.runner import Checkpointing, OutOfMemory, train
 from structlearn.schedules import LRSchedule, TrainSchedule
 from structlearn.utils import ConfigError
 
-from .conftest import PYTHON, TOY_SIZES
+from .conftest import PYTHON, TINY_PLASTIC, TOY_SIZES
 from .test_cli import cli
 
 FORKS = multiprocessing.get_context("forkserver")
@@ -72,12 +72,7 @@ PLASTIC = [
     "method=plasticnet",
     "dataset=moons",
     *TOY_SIZES["moons"],
-    "model.stem_width=4",
-    "model.widths=[8,8,16,16]",
-    "model.stage_slots=[2,2,2,2]",
-    "model.max_paths=6",
-    "schedule.batch_size=32",
-    "method.rewire_every=2",
+    *TINY_PLASTIC,
 ]
 RUNS = {
     # dropout draws from torch's global generator: its state must be restored too
