@@ -11,33 +11,57 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+SPLITS = ("train", "val", "test")
+
 
 class InMemoryDataset:
-    """Train and test splits held as tensors; the runner only uses this interface.
+    """Train, validation and test splits held as tensors; the runner only uses this interface.
 
-    Subclasses that store raw data (CIFAR keeps uint8 images) override :meth:`prepare` to turn a
-    batch into model input, and :meth:`augment` for training-time augmentation of whole batches.
+    The validation split is carved from the training data (never from the test data) and is what
+    model selection reads: the ``best`` evaluation point, a sweeper's objective. A dataset without
+    one (``x_val`` None) has no ``best``. Subclasses that store raw data (CIFAR keeps uint8 images)
+    override :meth:`prepare` to turn a batch into model input, and :meth:`augment` for
+    training-time augmentation of whole batches.
 
     Args:
         name: short dataset name for summaries.
         x_train, y_train, x_test, y_test: the splits; labels are int64 class indices.
         num_classes: number of classes.
+        x_val, y_val: the validation split, or None for none.
     """
 
     def __init__(
-        self, name: str, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int
+        self,
+        name: str,
+        x_train: Tensor,
+        y_train: Tensor,
+        x_test: Tensor,
+        y_test: Tensor,
+        num_classes: int,
+        x_val: Tensor | None = None,
+        y_val: Tensor | None = None,
     ) -> None:
-        if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-            raise ValueError(
-                f"{name}: inputs and labels differ in length "
-                f"(train {len(x_train)} vs {len(y_train)}, test {len(x_test)} vs {len(y_test)})"
-            )
-        if len(x_train) == 0 or len(x_test) == 0:
-            raise ValueError(f"{name}: empty split (train {len(x_train)}, test {len(x_test)})")
+        if (x_val is None) != (y_val is None):
+            raise ValueError(f"{name}: a validation split needs both inputs and labels")
+        splits = {"train": (x_train, y_train), "test": (x_test, y_test)}
+        if x_val is not None:
+            splits["val"] = (x_val, y_val)
+        for split, (x, y) in splits.items():
+            if len(x) != len(y):
+                raise ValueError(f"{name}: {split} inputs and labels differ in length ({len(x)} vs {len(y)})")
+            if len(x) == 0:
+                raise ValueError(f"{name}: empty {split} split")
         self.name = name
         self.x_train, self.y_train = x_train, y_train.long()
         self.x_test, self.y_test = x_test, y_test.long()
+        self.x_val = x_val
+        self.y_val = y_val.long() if y_val is not None else None
         self.num_classes = num_classes
+
+    @property
+    def has_val(self) -> bool:
+        """Whether the dataset has a validation split (and so a ``best`` evaluation point)."""
+        return self.x_val is not None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -50,8 +74,9 @@ class InMemoryDataset:
 
     def to(self, device: torch.device) -> InMemoryDataset:
         """Move every split to ``device`` (once, before training)."""
-        for attr in ("x_train", "y_train", "x_test", "y_test"):
-            setattr(self, attr, getattr(self, attr).to(device))
+        for attr in ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val"):
+            if getattr(self, attr) is not None:
+                setattr(self, attr, getattr(self, attr).to(device))
         return self
 
     def prepare(self, x: Tensor) -> Tensor:
@@ -70,10 +95,11 @@ class InMemoryDataset:
             yield x, self.y_train.index_select(0, idx)
 
     def eval_batches(self, batch_size: int, split: str = "test") -> Iterator[tuple[Tensor, Tensor]]:
-        """A split (``test`` or ``train``) in order, prepared but not augmented."""
-        if split not in ("test", "train"):
-            raise ValueError(f"split={split!r} is invalid: must be 'test' or 'train'")
-        x, y = (self.x_test, self.y_test) if split == "test" else (self.x_train, self.y_train)
+        """A split (``train``, ``val`` or ``test``) in order, prepared but not augmented."""
+        if split not in SPLITS or (split == "val" and not self.has_val):
+            allowed = SPLITS if self.has_val else ("train", "test")
+            raise ValueError(f"split={split!r} is invalid: this dataset has {allowed}")
+        x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
         for start in range(0, len(x), batch_size):
             yield self.prepare(x[start : start + batch_size]), y[start : start + batch_size]
 
@@ -82,6 +108,7 @@ class InMemoryDataset:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}({self.name!r}, train={len(self.x_train)}, test={len(self.x_test)}, "
+            f"{type(self).__name__}({self.name!r}, train={len(self.x_train)}, "
+            f"val={len(self.x_val) if self.has_val else 0}, test={len(self.x_test)}, "
             f"input_shape={self.input_shape}, classes={self.num_classes})"
         )
