@@ -55,7 +55,7 @@ def _one_thread():
 def make_data(net: str, seed: int = 0) -> InMemoryDataset:
     """moons for the MLP (128 train rows: 4 steps/epoch); random 3x8x8 images for the conv net (3 steps)."""
     if net == "mlp":
-        return moons(n_samples=160, seed=seed)
+        return moons(n_samples=160, seed=seed, val_fraction=0.0)
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(128, 3, 8, 8, generator=g), torch.randint(0, 4, (128,), generator=g)
     return InMemoryDataset("noise", x[:96], y[:96], x[96:], y[96:], num_classes=4)

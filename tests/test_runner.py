@@ -77,12 +77,39 @@ def test_run_directory_holds_the_contract(make_cfg, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [2, 3]  # every 2nd epoch, and always the last
     assert {"step", "density/sparse_layers", "lr/main", *METRICS} <= set(rows[0])
     assert summary["final"]["test_acc"] == pytest.approx(float(rows[-1]["test_acc"]))
-    assert summary["best"]["test_acc"] == pytest.approx(max(float(r["test_acc"]) for r in rows))
+    assert {"val_loss", "val_acc"} <= set(rows[0]) and {"val_loss", "val_acc"} <= set(summary["final"])
+
+
+def test_best_is_chosen_on_validation_data_and_never_on_test_data(make_cfg, tmp_path):
+    cfg = ["method=dense", "schedule.epochs=6", "logger=none", "device=cpu", "dataset.n_samples=300"]
+    summary = execute(make_cfg(*cfg, "schedule.optimizer.lr=0.05"), tmp_path / "val")
+    rows = read_rows(tmp_path / "val" / "metrics.csv")
+    chosen = max(rows, key=lambda r: float(r["val_acc"]))  # the first of the best validation epochs
+    assert summary["best"]["epoch"] == int(chosen["epoch"])
+    assert summary["best"]["test_acc"] == pytest.approx(float(chosen["test_acc"]))  # reported at that point
+    # without a validation split there is no best, rather than one chosen on the test set
+    summary = execute(make_cfg(*cfg, "dataset.val_fraction=0"), tmp_path / "none")
+    assert summary["best"] == {} and "val_acc" not in read_rows(tmp_path / "none" / "metrics.csv")[0]
+
+
+def test_the_validation_split_is_carved_from_training_data_only(make_cfg):
+    from structlearn.utils import build
+
+    with_val = build(make_cfg("dataset.val_fraction=0.25").dataset, "dataset")
+    without = build(make_cfg("dataset.val_fraction=0").dataset, "dataset")
+    assert torch.equal(with_val.y_test, without.y_test)  # the same test split
+    assert len(with_val.x_train) + len(with_val.x_val) == len(without.x_train)
+    assert len(with_val.x_val) == pytest.approx(0.25 * len(without.x_train), abs=1)
+    # stratified: each class keeps its share
+    share = lambda y: torch.bincount(y).float() / len(y)  # noqa: E731
+    assert torch.allclose(share(with_val.y_val), share(without.y_train), atol=0.02)
+    # standardised with statistics of the remaining training data only
+    assert with_val.x_train.mean(0).abs().max() < 1e-5 and with_val.x_val.mean(0).abs().max() > 1e-4
 
 
 def _setup(epochs=3):
     torch.manual_seed(0)
-    data = moons(n_samples=256, seed=0)
+    data = moons(n_samples=256, seed=0, val_fraction=0.0)
     sched = TrainSchedule(
         epochs=epochs,
         batch_size=32,

@@ -8,7 +8,9 @@ sees a ``DictConfig``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import secrets
 import sys
 from collections.abc import Iterator
@@ -58,10 +60,35 @@ def _scalars(cfg: DictConfig) -> tuple[int, torch.device, str]:
         raise ConfigError(f"precision={precision!r} is invalid: must be one of {PRECISIONS}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads={threads!r} is invalid: must be an integer >= 1 or null")
+    _check_objective(cfg.get("optimized_metric"), cfg.get("failed_value"))
     device = resolve_device(cfg.device)
     if threads is not None:
         torch.set_num_threads(threads)
     return seed, device, precision
+
+
+def _check_objective(path: Any, failed_value: Any) -> None:
+    """A sweeper optimises a summary value read on validation data, never on test data."""
+    if path is None:
+        return
+    if not isinstance(path, str) or "." not in path:
+        raise ConfigError(
+            f"optimized_metric={path!r} is invalid: must be a summary key like final.val_acc or best.val_loss"
+        )
+    if "test" in path:
+        raise ConfigError(
+            f"optimized_metric={path!r} is invalid: a sweeper must select on validation data, never on test "
+            "data; use final.val_acc, final.val_loss, best.val_acc or best.val_loss"
+        )
+    if failed_value is not None and (
+        isinstance(failed_value, bool)
+        or not isinstance(failed_value, int | float)
+        or not math.isfinite(failed_value)
+    ):
+        raise ConfigError(
+            f"failed_value={failed_value!r} is invalid: must be a finite number (the objective of a diverged "
+            "or failed job) or null"
+        )
 
 
 def _names(cfg: DictConfig) -> dict[str, str]:
@@ -95,6 +122,12 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
             torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
             seed_everything(seed)
             objects = _build(cfg)
+            metric = cfg.get("optimized_metric")
+            if metric and "val_" in str(metric) and not objects["data"].has_val:
+                raise ConfigError(
+                    f"optimized_metric={metric!r} is invalid: the dataset has no validation split "
+                    "(dataset.val_fraction is 0); set dataset.val_fraction > 0"
+                )
         except Exception as exc:
             if not run_dir.summary.exists():  # failed before training: say so in the run's own record
                 error = f"{exc}" if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
@@ -145,35 +178,57 @@ def _sweep_identity() -> dict[str, str | None]:
     return {"group": group, "job_name": hc.job.override_dirname or None}
 
 
-def objective(summary: dict[str, Any], path: str | None) -> float | None:
-    """The value a sweeper optimises: ``path`` (e.g. ``final.test_acc``) looked up in the summary."""
+def objective(summary: dict[str, Any], path: str | None, failed_value: float | None = None) -> float | None:
+    """The value a sweeper optimises: ``path`` (e.g. ``final.val_acc``) looked up in the summary.
+
+    A job that did not complete (diverged, failed) has no result: it scores ``failed_value``, or
+    NaN when that is null (Optuna then counts the trial as failed and its sweeper stops).
+    """
     if not path:
         return None
+    missing = float("nan") if failed_value is None else float(failed_value)
     if summary.get("status") != "completed":
-        return float("nan")  # a diverged run's last metrics are not a result; Optuna counts NaN as failed
+        return missing
     value: Any = summary
     for key in str(path).split("."):
         if not isinstance(value, dict) or key not in value:
-            return float("nan")
+            return missing
         value = value[key]
     return float(value)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> float | None:
-    """Run one job; in a multirun, an invalid job fails alone and the sweep goes on."""
+    """Run one job. A single run that diverges exits with status 3; in a multirun, a job that fails
+    or diverges does so alone and the sweep goes on (a sweeper reads ``failed_value`` for it)."""
     run_dir = RunDir(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    metric, failed_value = cfg.get("optimized_metric"), cfg.get("failed_value")
     try:
         summary = execute(cfg, run_dir)
     except ConfigError as exc:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        if not multirun:
             print(f"structlearn: error: {exc}", file=sys.stderr)
             sys.exit(2)
+        if metric and failed_value is not None:  # a search goes on: this trial scores failed_value
+            log.error("job failed: %s", exc)
+            return float(failed_value)
+        raise
+    except Exception as exc:
+        if multirun and metric and failed_value is not None:
+            log.exception("job failed: %s: %s", type(exc).__name__, exc)
+            return float(failed_value)
         raise
     if summary["status"] == "diverged":
         log.error("run diverged: %s", summary.get("error"))
+        if not multirun:
+            print(f"structlearn: run diverged: {summary.get('error')} ({run_dir.path})", file=sys.stderr)
+            sys.exit(DIVERGED_EXIT)
     log.info("outputs: %s", run_dir.path)
-    return objective(summary, cfg.get("optimized_metric"))
+    return objective(summary, metric, failed_value)
+
+
+DIVERGED_EXIT = 3
 
 
 class OutputDirCheck(Callback):
@@ -202,6 +257,7 @@ class OutputDirCheck(Callback):
             check_output_dir(config.hydra.sweep.dir)
             self._sweep = RunDir(config.hydra.sweep.dir)
             self._sweep.acquire()
+        SWEEPS.append(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._sweep is not None:
@@ -218,11 +274,42 @@ def _one_line_errors() -> Iterator[None]:
         sys.exit(2)
 
 
+SWEEPS: list[Path] = []  # the sweep directories this process started (one tally line each at the end)
+OUTCOMES = ("completed", "diverged", "failed", "killed", "not started")
+
+
+def sweep_tally(sweep_dir: Path) -> str:
+    """One line: how the jobs of a sweep went, and the command that reports on them.
+
+    A job is ``killed`` when it started (its directory is a run) but has no summary, or was
+    interrupted by a signal; ``not started`` when Hydra made its directory and nothing ran.
+    """
+    counts = dict.fromkeys(OUTCOMES, 0)
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
+        run_dir = RunDir(job)
+        try:
+            summary = json.loads(run_dir.summary.read_text())
+        except (OSError, ValueError):
+            summary = None
+        if isinstance(summary, dict) and summary.get("interrupted"):
+            counts["killed"] += 1
+        elif isinstance(summary, dict) and summary.get("status") in counts:
+            counts[summary["status"]] += 1
+        else:
+            counts["killed" if run_dir.is_run() else "not started"] += 1
+    tally = ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
+    return f"sweep {sweep_dir}: {tally}; report: structlearn-report {sweep_dir}"
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point; a multirun ends with its tally line, also when jobs failed."""
     with _one_line_errors():
         sys.argv[1:] = with_saved_overrides(sys.argv[1:])
-    app()
+    try:
+        app()
+    finally:
+        for sweep in SWEEPS:
+            print(sweep_tally(sweep), flush=True)
 
 
 if __name__ == "__main__":

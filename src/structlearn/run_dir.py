@@ -176,7 +176,9 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise ConfigError(f"output directory {self.path} is not writable ({exc.strerror or exc})") from exc
+            raise ConfigError(
+                f"output directory {self.path} is not writable ({exc.strerror or exc})"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

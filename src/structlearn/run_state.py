@@ -26,6 +26,7 @@ from structlearn.methods.base import Method, OptimizerSlot, Plan
 from structlearn.utils import check
 
 METRIC_KEYS = ("test_acc", "test_loss", "train_loss", "train_acc")
+VAL_KEYS = ("val_acc", "val_loss")
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ class RunState:
         epoch_generator: its state at the start of the current epoch.
         sums: the current epoch's running sums (on the device).
         final: the metrics of the latest evaluation point (after :meth:`finalize`: of the final network).
-        best: the evaluation point with the best ``test_acc``, and its epoch.
+        best: the evaluation point with the best ``val_acc``, and its epoch (empty without a
+            validation split: selection never reads test data).
         before_finalize: ``final`` before the method's finalisation changed the network, if it did.
         finalized: whether the method's ``finalize`` already ran on the network.
         started: the ``time.perf_counter()`` origin of the run's wall time (earlier attempts included).
@@ -142,10 +144,14 @@ class RunState:
         self.epoch_generator = self.generator.get_state()
 
     def evaluated(self, row: Mapping[str, float]) -> None:
-        """An evaluation point: its metrics are ``final``; ``best`` if its ``test_acc`` is the highest."""
-        if not self.best or row["test_acc"] > self.best["test_acc"]:
-            self.best = {k: row[k] for k in ("epoch", *METRIC_KEYS)}
-        self.final = {k: row[k] for k in METRIC_KEYS}
+        """An evaluation point: its metrics are ``final``; ``best`` if its ``val_acc`` is the highest.
+
+        ``best`` is chosen on validation data only: without a validation split there is no ``best``
+        (never one chosen on test data).
+        """
+        self.final = {k: row[k] for k in (*METRIC_KEYS, *VAL_KEYS) if k in row}
+        if "val_acc" in row and (not self.best or row["val_acc"] > self.best["val_acc"]):
+            self.best = {"epoch": row["epoch"], **self.final}
 
     def results(self) -> dict[str, Any]:
         """The summary's view of the state."""

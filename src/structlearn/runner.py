@@ -310,19 +310,27 @@ class _Loop:
     def evaluation_point(self, state: RunState, train_metrics: Mapping[str, float]) -> None:
         """Evaluate, record the row (and let the analysis see the network), update ``final``/``best``."""
         pos = state.position
-        test = self.evaluate("test", f"evaluation after epoch {pos.epoch}")
+        held_out = self.evaluate_held_out(f"evaluation after epoch {pos.epoch}")
         row = {
             "epoch": pos.epoch,
             "step": pos.step,
             **train_metrics,
-            "test_loss": test["loss"],
-            "test_acc": test["acc"],
+            **held_out,
             **{f"lr/{s.name}": s.optimizer.param_groups[0]["lr"] for s in self.slots},
             "time_s": state.elapsed,
             **self.method.structure_metrics(self.model),  # right after an evaluation pass: the contract
         }
         self.recorder.row(row, pos.step, lambda: self.method.graph(self.model))
         state.evaluated(row)
+
+    def evaluate_held_out(self, where: str) -> dict[str, float]:
+        """``val_loss``/``val_acc`` (with a validation split) and ``test_loss``/``test_acc``, in that order."""
+        splits = ("val", "test") if self.data.has_val else ("test",)
+        out = {}
+        for split in splits:
+            metrics = self.evaluate(split, where)
+            out[f"{split}_loss"], out[f"{split}_acc"] = metrics["loss"], metrics["acc"]
+        return out
 
     def evaluate(self, split: str, where: str) -> dict[str, float]:
         batch_size = self.schedule.batch_size * 4
@@ -360,17 +368,12 @@ class _Loop:
             if self.method.finalize(self.model):
                 state.before_finalize = state.final
                 train_eval = self.evaluate("train", "the final evaluation")
-                test = self.evaluate("test", "the final evaluation")
-                state.final = {
-                    "test_acc": test["acc"],
-                    "test_loss": test["loss"],
-                    "train_loss": train_eval["loss"],
-                    "train_acc": train_eval["acc"],
-                }
+                held_out = self.evaluate_held_out("the final evaluation")
+                state.final = {**held_out, "train_loss": train_eval["loss"], "train_acc": train_eval["acc"]}
                 state.finalized = True
                 self.save(state)  # the last checkpoint holds the network the final metrics describe
         elif state.before_finalize is not None:  # resumed after finalising: methods read the last evaluation
-            self.evaluate("test", "the final evaluation")
+            self.evaluate_held_out("the final evaluation")
         out: dict[str, Any] = {
             "params": self.method.count_parameters(self.model).as_dict(),
             "structure": self.method.structure_metrics(self.model),

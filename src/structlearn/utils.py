@@ -147,9 +147,7 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
-def atomic_write(
-    path: str | Path, write: Callable[[BinaryIO], object], sync: str | None = "file"
-) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], sync: str | None = "file") -> None:
     """Replace ``path`` atomically with what ``write(file)`` writes: readers see the old file or the new one.
 
     The bytes go to a temporary file in the same directory (``.<name>.<random>.tmp``), which is

@@ -1,7 +1,8 @@
 """Synthetic and small real datasets that fit in memory: moons, blobs, classification, spheres, digits.
 
 Each constructor draws or loads the data with a seed, makes a seeded stratified train/test split,
-and standardises features with statistics fitted on the training split only.
+carves a seeded stratified validation split out of the training split (``val_fraction`` of it;
+0: none), and standardises features with statistics fitted on the remaining training split only.
 """
 
 from __future__ import annotations
@@ -14,10 +15,27 @@ from sklearn.model_selection import train_test_split
 from structlearn.data.base import InMemoryDataset
 from structlearn.utils import check
 
+VAL_FRACTION = 0.1  # of the training split: validation data for model selection (conf/dataset/*.yaml)
 
-def _check_common(n_samples: int, test_fraction: float) -> None:
+
+def _check_fractions(test_fraction: float, val_fraction: float) -> None:
+    check(
+        isinstance(test_fraction, float | int) and 0.0 < test_fraction < 1.0,
+        "test_fraction",
+        test_fraction,
+        "must be in (0, 1)",
+    )
+    check(
+        isinstance(val_fraction, float | int) and 0.0 <= val_fraction < 1.0,
+        "val_fraction",
+        val_fraction,
+        "must be in [0, 1) (the fraction of the training split held out for validation; 0: none)",
+    )
+
+
+def _check_common(n_samples: int, test_fraction: float, val_fraction: float) -> None:
     check(isinstance(n_samples, int) and n_samples >= 10, "n_samples", n_samples, "must be an integer >= 10")
-    check(0.0 < test_fraction < 1.0, "test_fraction", test_fraction, "must be in (0, 1)")
+    _check_fractions(test_fraction, val_fraction)
 
 
 def _split(
@@ -26,18 +44,31 @@ def _split(
     y: np.ndarray,
     *,
     test_fraction: float,
+    val_fraction: float,
     seed: int,
     standardize: bool,
     shape: tuple[int, ...] | None = None,
 ) -> InMemoryDataset:
-    """Seeded stratified split, train-only standardisation, float32/int64 tensors."""
+    """Seeded stratified splits (test, then validation from the rest), train-only standardisation."""
     x_tr, x_te, y_tr, y_te = train_test_split(
         x.astype(np.float64), y, test_size=test_fraction, random_state=seed, stratify=y
     )
+    x_va = y_va = None
+    if val_fraction > 0:
+        try:
+            x_tr, x_va, y_tr, y_va = train_test_split(
+                x_tr, y_tr, test_size=val_fraction, random_state=seed, stratify=y_tr
+            )
+        except ValueError as exc:  # too few examples for one per class in each split
+            raise ValueError(
+                f"val_fraction={val_fraction} is invalid: {len(y_tr)} training examples of "
+                f"{int(y.max()) + 1} classes leave no stratified validation split ({exc})"
+            ) from None
     if standardize:
         mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
         std[std == 0] = 1.0  # constant features (digits' border pixels) stay at 0 instead of NaN
         x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+        x_va = (x_va - mean) / std if x_va is not None else None
 
     def tensor(a: np.ndarray) -> torch.Tensor:
         t = torch.as_tensor(a, dtype=torch.float32)
@@ -50,6 +81,8 @@ def _split(
         tensor(x_te),
         torch.as_tensor(y_te),
         num_classes=int(y.max()) + 1,
+        x_val=tensor(x_va) if x_va is not None else None,
+        y_val=torch.as_tensor(y_va) if y_va is not None else None,
     )
 
 
@@ -57,6 +90,7 @@ def moons(
     n_samples: int = 1000,
     noise: float = 0.1,
     test_fraction: float = 0.2,
+    val_fraction: float = VAL_FRACTION,
     seed: int = 0,
     standardize: bool = True,
 ) -> InMemoryDataset:
@@ -66,13 +100,22 @@ def moons(
         n_samples: total examples before the split.
         noise: standard deviation of the Gaussian noise added to the points, >= 0.
         test_fraction: fraction held out for testing.
+        val_fraction: fraction of the training split held out for validation (model selection); 0: none.
         seed: seed of the sample and of the split.
         standardize: standardise features with training-split statistics.
     """
-    _check_common(n_samples, test_fraction)
+    _check_common(n_samples, test_fraction, val_fraction)
     check(noise >= 0, "noise", noise, "must be >= 0")
     x, y = skd.make_moons(n_samples=n_samples, noise=noise, random_state=seed)
-    return _split("moons", x, y, test_fraction=test_fraction, seed=seed, standardize=standardize)
+    return _split(
+        "moons",
+        x,
+        y,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        seed=seed,
+        standardize=standardize,
+    )
 
 
 def blobs(
@@ -81,6 +124,7 @@ def blobs(
     n_features: int = 2,
     cluster_std: float = 1.0,
     test_fraction: float = 0.2,
+    val_fraction: float = VAL_FRACTION,
     seed: int = 0,
     standardize: bool = True,
 ) -> InMemoryDataset:
@@ -92,10 +136,11 @@ def blobs(
         n_features: input dimension, >= 1.
         cluster_std: standard deviation of each blob, > 0.
         test_fraction: fraction held out for testing.
+        val_fraction: fraction of the training split held out for validation (model selection); 0: none.
         seed: seed of the sample and of the split.
         standardize: standardise features with training-split statistics.
     """
-    _check_common(n_samples, test_fraction)
+    _check_common(n_samples, test_fraction, val_fraction)
     check(isinstance(centers, int) and centers >= 2, "centers", centers, "must be an integer >= 2")
     check(
         isinstance(n_features, int) and n_features >= 1, "n_features", n_features, "must be an integer >= 1"
@@ -108,7 +153,15 @@ def blobs(
         cluster_std=cluster_std,
         random_state=seed,
     )
-    return _split("blobs", x, y, test_fraction=test_fraction, seed=seed, standardize=standardize)
+    return _split(
+        "blobs",
+        x,
+        y,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        seed=seed,
+        standardize=standardize,
+    )
 
 
 def classification(
@@ -120,6 +173,7 @@ def classification(
     n_clusters_per_class: int = 2,
     class_sep: float = 1.0,
     test_fraction: float = 0.2,
+    val_fraction: float = VAL_FRACTION,
     seed: int = 0,
     standardize: bool = True,
 ) -> InMemoryDataset:
@@ -137,10 +191,11 @@ def classification(
         n_clusters_per_class: Gaussian clusters per class.
         class_sep: spread of the cluster centres (larger = easier).
         test_fraction: fraction held out for testing.
+        val_fraction: fraction of the training split held out for validation (model selection); 0: none.
         seed: seed of the sample and of the split.
         standardize: standardise features with training-split statistics.
     """
-    _check_common(n_samples, test_fraction)
+    _check_common(n_samples, test_fraction, val_fraction)
     check(isinstance(n_classes, int) and n_classes >= 2, "n_classes", n_classes, "must be an integer >= 2")
     check(
         0 < n_informative <= n_features - n_redundant,
@@ -164,7 +219,15 @@ def classification(
         class_sep=class_sep,
         random_state=seed,
     )
-    return _split("classification", x, y, test_fraction=test_fraction, seed=seed, standardize=standardize)
+    return _split(
+        "classification",
+        x,
+        y,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        seed=seed,
+        standardize=standardize,
+    )
 
 
 def spheres(
@@ -173,6 +236,7 @@ def spheres(
     inner: tuple[float, float] = (1.0, 1.5),
     outer: tuple[float, float] = (2.0, 2.5),
     test_fraction: float = 0.2,
+    val_fraction: float = VAL_FRACTION,
     seed: int = 0,
     standardize: bool = False,
 ) -> InMemoryDataset:
@@ -187,10 +251,11 @@ def spheres(
         inner: radius range of class 0.
         outer: radius range of class 1; must not overlap ``inner``.
         test_fraction: fraction held out for testing.
+        val_fraction: fraction of the training split held out for validation (model selection); 0: none.
         seed: seed of the sample and of the split.
         standardize: standardise features (off by default: the shells are already centred).
     """
-    _check_common(n_samples, test_fraction)
+    _check_common(n_samples, test_fraction, val_fraction)
     check(isinstance(dim, int) and dim >= 1, "dim", dim, "must be an integer >= 1")
     check(0 <= inner[0] <= inner[1], "inner", tuple(inner), "must be (r_min, r_max) with 0 <= r_min <= r_max")
     check(
@@ -211,28 +276,33 @@ def spheres(
         direction * radius[:, None],
         y,
         test_fraction=test_fraction,
+        val_fraction=val_fraction,
         seed=seed,
         standardize=standardize,
     )
 
 
-def digits(test_fraction: float = 0.2, seed: int = 0, standardize: bool = True) -> InMemoryDataset:
+def digits(
+    test_fraction: float = 0.2, val_fraction: float = VAL_FRACTION, seed: int = 0, standardize: bool = True
+) -> InMemoryDataset:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), shaped (1, 8, 8).
 
     A real image dataset that ships with scikit-learn, so it works offline.
 
     Args:
         test_fraction: fraction held out for testing.
+        val_fraction: fraction of the training split held out for validation (model selection); 0: none.
         seed: seed of the split.
         standardize: standardise each pixel with training-split statistics.
     """
-    check(0.0 < test_fraction < 1.0, "test_fraction", test_fraction, "must be in (0, 1)")
+    _check_fractions(test_fraction, val_fraction)
     bunch = skd.load_digits()
     return _split(
         "digits",
         bunch.data / 16.0,
         bunch.target,
         test_fraction=test_fraction,
+        val_fraction=val_fraction,
         seed=seed,
         standardize=standardize,
         shape=(1, 8, 8),

@@ -14,9 +14,9 @@ method it has. One training step is::
 and around the steps of each epoch ``on_epoch_start`` and, at evaluation points,
 ``structure_metrics``. At the end, ``finalize`` (e.g. a hard prune) and ``write_artifacts``.
 
-Contract at evaluation points: the runner calls ``structure_metrics`` right after an evaluation
-pass of the model in eval mode over the test split, with nothing in between, and so also at the
-end (after ``finalize``, re-evaluated if it changed the network; a run resumed after finalising
+Contract at evaluation points: the runner calls ``structure_metrics`` right after the evaluation
+passes of the model in eval mode over the held-out data (the validation split, if there is one,
+then the test split), with nothing in between, and so also at the end (after ``finalize``, re-evaluated if it changed the network; a run resumed after finalising
 evaluates again first). A method may therefore read what its forward hooks collected during that
 pass (the URN reads which neurons fired).
 
@@ -244,8 +244,9 @@ class Method:
     def structure_metrics(self, model: nn.Module) -> dict[str, float]:
         """Structure at an evaluation point (density per layer, temperature...), for ``metrics.csv``.
 
-        Called right after an evaluation pass over the test split (see the module's contract), so
-        activity recorded by forward hooks during that pass describes the current network.
+        Called right after the evaluation passes over the validation and test splits (see the
+        module's contract), so activity recorded by forward hooks during them describes the
+        current network.
         """
         return {}
 

@@ -16,19 +16,21 @@ The model is :class:`structlearn.models.urn.URN`; this method adds to the cross-
   i != j and ``synaptic_pairs="upper"`` is the literal i < j. d_ij^γ is computed once in
   ``prepare`` as one (S, S) buffer, one coordinate at a time: nothing larger than W exists.
 
-**Where the read-out's data come from.** The runner evaluates the model on the test split at
-every evaluation point, and only the model sees those inputs. ``prepare`` registers a forward hook
+**Where the read-out's data come from.** The runner evaluates the model on the held-out data
+(the validation split, if the dataset has one, then the test split) at every evaluation point,
+and only the model sees those inputs. ``prepare`` registers a forward hook
 on the model: in eval mode it ORs each batch's pattern of non-zero neurons per iteration into an
 (I+1, S) buffer, sums |N| for the activity picture, and keeps the first ``probe_size`` inputs; the
 first eval-mode forward after a training step starts a new pass. In training mode the hook only
 sets a flag (no host synchronisation in the step). So "active" means non-zero on at least one
-example of the evaluation data (the whole test split), and :meth:`structure_metrics`, called
-right after each evaluation, reads the structure of exactly that pass.
+example of the evaluation data (the whole validation and test splits), and
+:meth:`structure_metrics`, called right after each evaluation, reads the structure of exactly that
+pass.
 
 **The zero-the-rest check.** Every read-out recomputes the logits of the probe inputs with every
 weight outside the emergent network set to zero (``prune/max_logit_diff``, ``prune/agreement``).
 With ``prune=True`` (default), :meth:`finalize` then zeroes them in the model itself, so the
-runner evaluates the pruned network on the train and test splits: ``summary.json`` holds its
+runner evaluates the pruned network on the train and held-out splits: ``summary.json`` holds its
 accuracy in ``final`` and the full network's in ``before_finalize``, and the effective parameter
 count is the emergent network's size. The read-out is frozen before pruning.
 
