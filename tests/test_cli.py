@@ -89,9 +89,15 @@ def test_unknown_device_and_unknown_group_option(tmp_path):
     proc = cli(*FAST, "device=tpu", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert "structlearn: error: device='tpu' is invalid: must be one of 'auto', 'cpu'" in proc.stderr
-    proc = cli("method=nonexistent", cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "Could not find 'method/nonexistent'" in proc.stderr  # Hydra's own message, with the options
+    # Hydra's own errors, one line each with exit 2 like every other bad input
+    for args, message in (
+        (["method=nonexistent"], "could not find 'method/nonexistent'; the options of 'method' are dense, gmp,"),
+        (["foo.bar=1"], "Could not override 'foo.bar'; To append to your config use +foo.bar=1"),
+        (["+foo=1", *FAST], "foo=1 is invalid: 'foo' is not a structlearn setting"),
+    ):
+        proc = cli(*args, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
 
 
 def test_a_failed_job_does_not_take_its_sweep_down(tmp_path):
@@ -105,7 +111,12 @@ def test_a_failed_job_does_not_take_its_sweep_down(tmp_path):
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
     )
-    assert proc.returncode != 0  # the sweep reports that a job failed...
+    assert proc.returncode == 2  # the sweep reports that a job failed, in one line and no traceback...
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "structlearn: error: 1 job(s) failed, e.g. method.density=1.5 is invalid: must be in (0, 1]"
+    )
+    assert f"sweep {sweep}: 1 completed, 0 diverged, 1 failed, 0 killed, 0 not started" in proc.stdout
     first = json.loads((sweep / "0" / "summary.json").read_text())
     second = json.loads((sweep / "1" / "summary.json").read_text())
     assert first["status"] == "failed" and "method.density=1.5 is invalid" in first["error"]

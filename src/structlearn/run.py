@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import secrets
 import sys
 from collections.abc import Iterator
@@ -20,9 +21,11 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from structlearn.resume import check_not_foreign, check_target, code_version, plan_start, with_saved_overrides
 from structlearn.run_dir import RunDir
@@ -51,8 +54,34 @@ if not OmegaConf.has_resolver("resume_or"):
     OmegaConf.register_new_resolver("resume_or", lambda resume, new: str(resume) if resume else new)
 
 
+TOP_LEVEL = (
+    "seed",
+    "device",
+    "precision",
+    "density",
+    "threads",
+    "optimized_metric",
+    "failed_value",
+    "resume",
+    "dataset",
+    "model",
+    "method",
+    "schedule",
+    "logger",
+    "analysis",
+    "checkpoint",
+)
+
+
 def _scalars(cfg: DictConfig) -> tuple[int, torch.device, str]:
-    """Validate the top-level scalars: seed, device, precision, threads."""
+    """Validate the top-level keys and scalars: no unknown key, seed, device, precision, threads."""
+    unknown = [k for k in cfg if k not in TOP_LEVEL]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"{key}={cfg.get(key)!r} is invalid: {key!r} is not a structlearn setting (the top-level keys "
+            f"are {', '.join(TOP_LEVEL)}; a group's key is group.key, e.g. method.density)"
+        )
     seed, precision, threads = cfg.seed, cfg.precision, cfg.get("threads")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed={seed!r} is invalid: must be an integer >= 0")
@@ -210,10 +239,10 @@ def app(cfg: DictConfig) -> float | None:
         if not multirun:
             print(f"structlearn: error: {exc}", file=sys.stderr)
             sys.exit(2)
-        if metric and failed_value is not None:  # a search goes on: this trial scores failed_value
-            log.error("job failed: %s", exc)
-            return float(failed_value)
-        raise
+        # one line in the job's log and its failed summary; the sweep goes on, its tally counts it
+        log.error("job %s failed: %s", HydraConfig.get().job.num, exc)
+        FAILED_JOBS.append(str(exc))
+        return float(failed_value) if metric and failed_value is not None else None
     except Exception as exc:
         if multirun and metric and failed_value is not None:
             log.exception("job failed: %s: %s", type(exc).__name__, exc)
@@ -301,15 +330,48 @@ def sweep_tally(sweep_dir: Path) -> str:
     return f"sweep {sweep_dir}: {tally}; report: structlearn-report {sweep_dir}"
 
 
+FAILED_JOBS: list[str] = []  # the config errors of this process's multirun jobs (each a one-line message)
+
+
 def main() -> None:
-    """Console-script entry point; a multirun ends with its tally line, also when jobs failed."""
+    """Console-script entry point: errors as one line (exit 2), a multirun's tally line at its end.
+
+    Hydra re-raises its own errors here (an unknown key or option, a bad override) instead of
+    printing them over several lines, and they become one line with exit status 2 like every
+    other bad input. A multirun in which a job failed on a config error exits 2 after its tally.
+    """
     with _one_line_errors():
         sys.argv[1:] = with_saved_overrides(sys.argv[1:])
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises; structlearn says it in one line
     try:
-        app()
+        with _one_line_errors():
+            try:
+                app()
+            except (HydraException, OmegaConfBaseException) as exc:
+                raise ConfigError(hydra_error_line(exc)) from None
     finally:
         for sweep in SWEEPS:
             print(sweep_tally(sweep), flush=True)
+    if FAILED_JOBS:
+        print(f"structlearn: error: {len(FAILED_JOBS)} job(s) failed, e.g. {FAILED_JOBS[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+def hydra_error_line(exc: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line (what, then the hint)."""
+    if isinstance(exc, MissingConfigException) and exc.options:
+        missing = (exc.missing_cfg_file or "").strip("/")
+        group = missing.rsplit("/", 1)[0] if "/" in missing else missing
+        return f"could not find {missing!r}; the options of {group!r} are {', '.join(sorted(exc.options))}"
+    text = str(exc)
+    if isinstance(exc.__cause__, OmegaConfBaseException):
+        text += "\n" + str(exc.__cause__)
+    kept = []
+    for line in text.splitlines():
+        if not line.strip() or line[0].isspace() or line.startswith(("Config search path", "See https")):
+            continue
+        kept.append(line.strip().rstrip("."))
+    return "; ".join(dict.fromkeys(kept)) or type(exc).__name__
 
 
 if __name__ == "__main__":
