@@ -5,8 +5,9 @@
 Reads every run's ``summary.json`` (``structure_analysis``: the end-of-run motif profile against its
 degree-preserving null) and ``structure/trajectory.csv``; writes ``results.md`` (mean ± std over seeds
 per dataset and method, and paired t-tests of each method against the static random masks with the
-same per-layer densities, :data:`CONTROL`, paired by seed), ``profile.png`` (mean z-scores) and
-``trajectory.png`` (z-scores over training).
+same per-layer densities, :data:`CONTROL`, paired by seed), ``profile.png`` (mean z-scores, "n/a"
+where no seed has one) and ``trajectory.png`` (z-scores over training, ± std over seeds); a method has
+the same colour in every panel.
 """
 
 from __future__ import annotations
@@ -81,37 +82,77 @@ def tables(runs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _colours() -> dict[str, object]:
+    """One colour per method, the same in every panel and both figures."""
+    from matplotlib import colormaps
+
+    return {method: colormaps["tab10"](i) for i, method in enumerate(METHODS)}
+
+
+def _randomisations(runs: pd.DataFrame) -> str:
+    """`` (20 randomisations)`` from the runs' summaries, when they say."""
+    column = "structure_analysis.randomizations"
+    counts = sorted({int(r) for r in runs[column].dropna()}) if column in runs else []
+    return f" ({'/'.join(map(str, counts))} randomisations)" if counts else ""
+
+
 def plot_profiles(runs: pd.DataFrame, path: Path) -> None:
     datasets = sorted(runs.dataset.unique())
     keys = ("z/bifan", "z/diamond", "z/balance/diamond")  # an MLP has no feed-forward loops (no skip edges)
-    fig = figure(figsize=(5 * len(datasets), 4))
+    colours = _colours()
+    fig = figure(figsize=(5 * len(datasets), 4.4), layout="constrained")
     axes = fig.subplots(1, len(datasets), sharey=True, squeeze=False)
     width = 0.8 / len(METHODS)
+    marked = False
     for ax, dataset in zip(axes[0], datasets, strict=True):
+        seeds = set()
         for i, method in enumerate(METHODS):
             group = runs[(runs.dataset == dataset) & (runs.method == method)]
             columns = [f"structure_analysis.{k}" for k in keys]
             means = [group[c].mean() for c in columns]
             stds = [group[c].std(ddof=1) for c in columns]
-            ax.bar(np.arange(len(keys)) + i * width, means, width, yerr=stds, label=method, capsize=2)
+            slots = np.arange(len(keys)) + i * width
+            ax.bar(slots, means, width, yerr=stds, label=method, capsize=2, color=colours[method])
+            for slot, mean in zip(slots, means, strict=True):
+                if not group.empty and math.isnan(mean):  # no seed has this z-score: say so, not a gap
+                    ax.text(
+                        slot,
+                        0,
+                        "n/a",
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        fontsize=6,
+                        color=colours[method],
+                    )
+                    marked = True
+            seeds.add(len(group))
         ax.axhline(0, color="black", linewidth=0.8)
         for z in (-2, 2):
             ax.axhline(z, color="grey", linewidth=0.6, linestyle="--")
         ax.set_xticks(
             np.arange(len(keys)) + 0.4 - width / 2, [k.removeprefix("z/") for k in keys], rotation=30
         )
-        ax.set_title(dataset)
+        n = "/".join(str(s) for s in sorted(seeds - {0}))
+        ax.set_title(f"{dataset} (n = {n} seeds per method)", fontsize=9)
         ax.set_yscale("symlog", linthresh=5)
-    axes[0][0].set_ylabel("z vs null (mean ± std, 5 seeds)")
+    axes[0][0].set_ylabel("z vs degree-preserving null (mean ± std over seeds)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    fig.suptitle(f"motif z-scores at the end of training{_randomisations(runs)}", fontsize=10)
+    if marked:
+        fig.supxlabel(
+            "n/a: no seed has this z-score (the null std is 0: the motif is absent or its count is fixed)",
+            fontsize=7,
+            color="dimgrey",
+        )
     fig.savefig(path, dpi=120)
 
 
 def plot_trajectories(runs: pd.DataFrame, path: Path, key: str = "z/bifan") -> None:
     datasets = sorted(runs.dataset.unique())
-    fig = figure(figsize=(5 * len(datasets), 3.5))
+    colours = _colours()
+    fig = figure(figsize=(5 * len(datasets), 3.8), layout="constrained")
     axes = fig.subplots(1, len(datasets), sharey=True, squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for method in METHODS:
@@ -121,15 +162,20 @@ def plot_trajectories(runs: pd.DataFrame, path: Path, key: str = "z/bifan") -> N
                 if trajectory.exists():
                     frames.append(pd.read_csv(trajectory)[["epoch", key]])
             if frames:
-                mean = pd.concat(frames).groupby("epoch")[key].mean()
-                ax.plot(mean.index, mean.values, marker="o", label=method)
+                by_epoch = pd.concat(frames).groupby("epoch")[key]
+                mean, std = by_epoch.mean(), by_epoch.std(ddof=1)
+                ax.plot(mean.index, mean.values, marker="o", label=method, color=colours[method])
+                ax.fill_between(mean.index, mean - std, mean + std, color=colours[method], alpha=0.2, lw=0)
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_title(dataset)
+        ax.set_title(dataset, fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_yscale("symlog", linthresh=5)
-    axes[0][0].set_ylabel(f"{key} (mean over seeds)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
+    axes[0][0].set_ylabel(f"{key} (mean ± std over seeds)")
+    handles = {}
+    for ax in axes[0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8)
+    fig.suptitle(f"{key} over training vs degree-preserving null{_randomisations(runs)}", fontsize=10)
     fig.savefig(path, dpi=120)
 
 
