@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="bench_cifar_") as tmp:
         root = write_cifar10_folder(Path(tmp), args.images, n_test=100)
-        data = CIFAR10(root=str(root), augment="crop_flip", padding=4).to(device)
+        data = CIFAR10(root=str(root), augment="crop_flip", padding=4, verify=False, val_size=0).to(device)
         print(
             f"{len(data.x_train)} synthetic training images (random pixels), batch {args.batch_size}, "
             f"crop (padding 4) + flip + normalise, {args.repeats} alternating epochs per contender"

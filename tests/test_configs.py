@@ -40,7 +40,8 @@ def test_method_yaml_trains_on_toy_dataset(make_cfg, tmp_path, method, dataset):
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_every_dataset_yaml_instantiates(make_cfg, dataset, cifar_root):
-    extra = [f"dataset.root={cifar_root}"] if dataset == "cifar10" else TOY_SIZES.get(dataset, [])
+    cifar = [f"dataset.root={cifar_root}", "dataset.verify=false", "dataset.val_size=10"]  # a tiny folder, not the release
+    extra = cifar if dataset == "cifar10" else TOY_SIZES.get(dataset, [])
     cfg = make_cfg(f"dataset={dataset}", *extra)
     data = build(cfg.dataset, "dataset")
     assert len(data.x_train) > 0 and data.num_classes >= 2
@@ -65,6 +66,8 @@ def test_resnet_trains_on_tiny_cifar_folder(make_cfg, tmp_path, cifar_root):
     cfg = make_cfg(
         "dataset=cifar10",
         f"dataset.root={cifar_root}",
+        "dataset.verify=false",
+        "dataset.val_size=10",
         "model=resnet",
         "model.widths=[4,8]",
         "model.blocks=1",

@@ -308,15 +308,15 @@ def test_plasticnet_refuses_a_model_without_paths():
 
 
 def test_cifar_batches_can_be_channels_last_and_unnormalised(cifar_root):
-    plain = CIFAR10(root=str(cifar_root), augment="none")
-    last = CIFAR10(root=str(cifar_root), augment="crop_flip", channels_last=True)
+    plain = CIFAR10(root=str(cifar_root), augment="none", verify=False, val_size=0)
+    last = CIFAR10(root=str(cifar_root), augment="crop_flip", channels_last=True, verify=False, val_size=0)
     x = plain.prepare(plain.x_train[:4])
     assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     xl = last.prepare(last.x_train[:4])
     assert xl.is_contiguous(memory_format=torch.channels_last) and torch.equal(xl, x)
     xb, _ = next(last.train_batches(8, torch.Generator().manual_seed(0)))  # crop and flip keep the layout
     assert xb.is_contiguous(memory_format=torch.channels_last)
-    raw = CIFAR10(root=str(cifar_root), augment="none", normalize=False).prepare(plain.x_train[:4])
+    raw = CIFAR10(root=str(cifar_root), augment="none", normalize=False, verify=False, val_size=0).prepare(plain.x_train[:4])
     assert torch.equal(raw, plain.x_train[:4].float() / 255)
 
 
@@ -325,6 +325,8 @@ def test_plasticnet_on_a_tiny_cifar_folder_end_to_end(make_cfg, tmp_path, cifar_
         "method=plasticnet",
         "dataset=cifar10",
         f"dataset.root={cifar_root}",
+        "dataset.verify=false",  # a tiny folder, not the release
+        "dataset.val_size=0",  # 50 training images: 5 steps per epoch
         "dataset.augment=none",
         "model.stem_width=4",
         "model.widths=[8,8,16,16]",
@@ -358,6 +360,8 @@ def test_the_same_runner_trains_the_resnet50_baseline(make_cfg, tmp_path, cifar_
         "model.stem_width=4",
         "dataset=cifar10",
         f"dataset.root={cifar_root}",
+        "dataset.verify=false",
+        "dataset.val_size=10",
         "schedule=plasticnet",
         "schedule.epochs=1",
         "logger=none",

@@ -315,6 +315,14 @@ class WandbSink:
     into the same W&B run (rows between its checkpoint and the kill were logged with the same
     values the first time: W&B keeps those and ignores the repeats).
 
+    In ``online`` mode, starting the W&B run waits for its server at most ``init_timeout``
+    seconds (W&B's own default is 90, which without a network held every job of a sweep for
+    about 100 s); W&B 0.31 first spends up to about 10 s more looking up the account. If the
+    online start fails for any reason (no network, a timeout, bad credentials), the run is
+    logged offline instead, with one warning line that says where and how to upload it later
+    (``wandb sync``). W&B's files go under the run directory, or under ``WANDB_DIR`` when that
+    environment variable is set (W&B's own setting for where its files go).
+
     Args:
         project: W&B project.
         entity: W&B entity (team or user), or None for the default.
@@ -323,6 +331,8 @@ class WandbSink:
         tags: tags for the run.
         group: group name; None groups the jobs of a sweep by the sweep directory's name.
         log_images: upload the PNG files the method wrote as media at the end.
+        init_timeout: seconds an online start may wait for the W&B server before the run is
+            logged offline instead (W&B's ``init_timeout`` setting), > 0.
     """
 
     def __init__(
@@ -333,15 +343,28 @@ class WandbSink:
         tags: list[str] | tuple[str, ...] = (),
         group: str | None = None,
         log_images: bool = True,
+        init_timeout: float = 30.0,
     ) -> None:
-        import os
-
         mode = mode or os.environ.get("WANDB_MODE") or "offline"
         check(mode in WANDB_MODES, "mode", mode, f"must be one of {WANDB_MODES}")
+        check(
+            isinstance(init_timeout, int | float)
+            and not isinstance(init_timeout, bool)
+            and 0 < init_timeout < float("inf"),
+            "init_timeout",
+            init_timeout,
+            "must be a number of seconds > 0",
+        )
         self.project, self.entity, self.mode = project, entity, mode
         self.tags, self.group, self.log_images = list(tags), group, log_images
+        self.init_timeout = float(init_timeout)
         self._run: Any = None  # None once W&B failed: no more logging
         self._to_finish: Any = None  # the run to finish, even after a failure
+
+    @staticmethod
+    def _why(exc: BaseException) -> str:
+        """An exception as ``Type: message`` on one line (W&B's messages span several)."""
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
     def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if self._run is None:
@@ -349,16 +372,12 @@ class WandbSink:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # W&B's failure never stops training
-            log.warning(
-                "W&B %s failed (%s: %s); the sink is off for the rest of the run",
-                what,
-                type(exc).__name__,
-                exc,
-            )
+            log.warning("W&B %s failed (%s); the sink is off for the rest of the run", what, self._why(exc))
             self._run = None
             return None
 
     def start(self, info: RunInfo) -> None:
+        self._run = None
         try:
             import wandb
 
@@ -366,24 +385,59 @@ class WandbSink:
             id_file = RunDir(info.run_dir).wandb_run_id
             run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id + "\n")
-            self._run = wandb.init(
-                id=run_id,
-                resume="allow",
-                project=self.project,
-                entity=self.entity,
-                mode=self.mode,
-                tags=self.tags,
-                group=self.group or info.group,
-                name=info.job_name or info.run_dir.name,
-                job_type="train",
-                dir=str(info.run_dir),
-                config=dict(info.config),
-                reinit="finish_previous",
-            )
-            self._to_finish = self._run
+            options = {
+                "id": run_id,
+                "resume": "allow",
+                "project": self.project,
+                "entity": self.entity,
+                "tags": self.tags,
+                "group": self.group or info.group,
+                "name": info.job_name or info.run_dir.name,
+                "job_type": "train",
+                "dir": os.environ.get("WANDB_DIR") or str(info.run_dir),
+                "config": dict(info.config),
+                "reinit": "finish_previous",
+                "settings": wandb.Settings(init_timeout=self.init_timeout),
+            }
         except Exception as exc:
-            log.warning("W&B could not start (%s: %s); training goes on without it", type(exc).__name__, exc)
-            self._run = None
+            log.warning("W&B could not start (%s); training goes on without it", self._why(exc))
+            return
+        try:
+            self._run = wandb.init(mode=self.mode, **options)
+        except Exception as exc:
+            if self.mode == "online":
+                self._start_offline(wandb, options, exc)
+            else:
+                log.warning("W&B could not start (%s); training goes on without it", self._why(exc))
+        self._to_finish = self._run
+
+    def _start_offline(self, wandb: Any, options: dict[str, Any], online_error: Exception) -> None:
+        """The online start failed: log the run offline instead, and say so in one line."""
+        try:
+            # W&B's service process still holds the run id of the failed start ("run ID ... is in
+            # use"): shut it down, so the same run (and id) starts offline in a fresh one.
+            try:
+                wandb.teardown()
+            except SystemExit as exc:  # W&B exits when its service process ended badly
+                raise RuntimeError(f"W&B's service process ended with status {exc.code}") from None
+            self._run = wandb.init(mode="offline", **options)
+        except Exception as exc:
+            log.warning(
+                "W&B could not start online (%s) nor offline (%s); training goes on without it",
+                self._why(online_error),
+                self._why(exc),
+            )
+            return
+        files = getattr(self._run, "dir", None)  # <W&B dir>/wandb/offline-run-.../files
+        where = str(Path(files).parent) if files else str(Path(options["dir"]) / "wandb")
+        log.warning(
+            "W&B could not start online (%s; init_timeout=%gs); logging offline to %s instead "
+            "(upload it later with `wandb sync %s`)",
+            self._why(online_error),
+            self.init_timeout,
+            where,
+            where,
+        )
 
     def progress(self, step: int, metrics: Mapping[str, float]) -> None:
         self._guard("log", lambda: self._run.log({f"train/{k}": v for k, v in metrics.items()}, step=step))
@@ -418,5 +472,5 @@ class WandbSink:
             try:
                 run.finish(exit_code=exit_code)
             except Exception as exc:
-                log.warning("W&B finish failed (%s: %s)", type(exc).__name__, exc)
+                log.warning("W&B finish failed (%s)", self._why(exc))
             self._run = None
