@@ -18,12 +18,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import structlearn.run
+import structlearn.runner
 from structlearn.analyze import load_network
 from structlearn.report import load_runs
 from structlearn.run import execute
 from structlearn.run_dir import RunDir, RunLocked
 from structlearn.run_state import Checkpoint
-from structlearn.runner import evaluate
+from structlearn.runner import evaluate, train
 from structlearn.utils import ConfigError, atomic_write_text, build, check_output_dir
 
 from .conftest import PYTHON, TOY_SIZES
@@ -123,14 +125,14 @@ def test_a_second_single_run_stops_at_once_and_the_first_finishes_intact(make_cf
     first = _start_cli(*LONG_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     _wait_for_rows(run_dir, 1, first)
     first.send_signal(signal.SIGSTOP)  # paused mid-run, holding its lock, while the second starts
-    hydra_files = _snapshot(run_dir / ".hydra")
-    try:
-        second = cli(*LONG_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    hydra_files = _snapshot(run_dir / ".hydra"), (run_dir / "structlearn.log").read_bytes()
+    try:  # another seed: Hydra would write other .hydra files, had the lock not stopped it first
+        second = cli(*LONG_RUN, "seed=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     finally:
         first.send_signal(signal.SIGCONT)
     assert second.returncode == 2
     assert f"being written by another process (pid {first.pid})" in _one_error_line(second.stderr)
-    assert _snapshot(run_dir / ".hydra") == hydra_files  # refused before Hydra wrote into it
+    assert (_snapshot(run_dir / ".hydra"), (run_dir / "structlearn.log").read_bytes()) == hydra_files
     out, _ = first.communicate(timeout=240)
     assert first.returncode == 0, out
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -239,3 +241,95 @@ def test_a_full_disk_leaves_no_write_test_file(tmp_path, monkeypatch):
         check_output_dir(tmp_path / "out")
     monkeypatch.undo()
     assert not list((tmp_path / "out").glob(".write-test-*"))
+
+
+def test_a_sweep_into_a_directory_of_someone_elses_files_is_refused(tmp_path):
+    sweep = tmp_path / "mine"
+    sweep.mkdir()
+    (sweep / "thesis.tex").write_text("\\documentclass{article}")
+    before = _snapshot(sweep)
+    proc = cli("-m", "seed=0,1", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert (
+        proc.returncode == 2 and "holds files that are not a structlearn sweep's (thesis.tex)" in proc.stderr
+    )
+    assert _snapshot(sweep) == before
+
+
+def test_a_run_resumed_without_checkpoints_leaves_a_checkpoint_of_its_end(make_cfg, tmp_path, monkeypatch):
+    cfg = [*FAST, "method=morphonet", "schedule.epochs=4", "checkpoint.every_epochs=2"]
+    real, calls = structlearn.runner.train_step, [0]
+
+    def crash_in_epoch_3(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 8:  # 3 steps per epoch: the 2nd step of epoch 3, after the epoch-2 checkpoint
+            raise RuntimeError("node lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(structlearn.runner, "train_step", crash_in_epoch_3)
+    with pytest.raises(RuntimeError, match="node lost"):
+        execute(make_cfg(*cfg), tmp_path)
+    monkeypatch.undo()
+    assert Checkpoint.load(RunDir(tmp_path).checkpoint).position.epoch == 2
+    summary = execute(make_cfg(*cfg[:-1], "checkpoint=none"), tmp_path)  # continues from it, writing none...
+    saved = Checkpoint.load(RunDir(tmp_path).checkpoint)
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 4
+    assert saved.position.epoch == 4 and saved.finalized  # ...but leaves none that is out of date
+
+
+def test_structlearn_analyze_finalises_a_checkpoint_of_a_runs_last_epoch(make_cfg, tmp_path, monkeypatch):
+    summary = execute(make_cfg(*FAST, "method=morphonet", "schedule.epochs=3"), tmp_path)
+    final = Checkpoint.load(RunDir(tmp_path).checkpoint)
+    # a checkpoint of the last epoch written before the prune (as a kill between the two leaves it)
+    unpruned = Checkpoint.from_dict({**final.to_dict(), "finalized": False})
+    monkeypatch.setattr(structlearn.runner._Loop, "finish", lambda self, state, label: {})
+    execute(
+        make_cfg(*FAST, "method=morphonet", "schedule.epochs=3", "checkpoint.every_epochs=1"), tmp_path / "u"
+    )
+    monkeypatch.undo()
+    before = Checkpoint.load(RunDir(tmp_path / "u").checkpoint)
+    assert before.at_end and not before.finalized and unpruned is not None
+    model, _, _ = load_network(RunDir(tmp_path / "u").checkpoint)
+    data = build(make_cfg(*FAST).dataset, "dataset")
+    test = evaluate(model, data.eval_batches(256), torch.device("cpu"), "fp32")
+    assert test["acc"] == summary["final"]["test_acc"]  # the pruned network, as the run evaluated it
+
+
+def test_the_recorder_hands_every_row_event_and_the_outcome_to_each_sink(make_cfg, tmp_path):
+    class Tape:
+        def __init__(self):
+            self.calls = []
+
+        def start(self, info):
+            self.calls.append(("start", info.run_dir))
+
+        def progress(self, step, metrics):
+            self.calls.append(("progress", step))
+
+        def log(self, row, step):
+            self.calls.append(("log", dict(row)))
+
+        def event(self, event, step):
+            self.calls.append(("event", {"step": step, **event}))
+
+        def finish(self, summary):
+            self.calls.append(("finish", summary["status"]))
+
+    tapes = [Tape(), Tape()]
+    cfg = make_cfg(*FAST, "method=gmp", "method.update_every=2", "schedule.epochs=3")
+    objects = structlearn.run._build(cfg)
+    objects["sinks"] = tapes
+    train(**objects, run_dir=tmp_path, seed=0, device=torch.device("cpu"))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    for tape in tapes:
+        kinds = [kind for kind, _ in tape.calls]
+        assert (
+            kinds[0] == "start"
+            and kinds[-1] == "finish"
+            and kinds.count("start") == kinds.count("finish") == 1
+        )
+        logged = [row for kind, row in tape.calls if kind == "log"]
+        assert [{k: str(v) for k, v in row.items()} for row in logged] == rows
+        assert [e for kind, e in tape.calls if kind == "event"] == events and events
+        assert ("finish", "completed") in tape.calls

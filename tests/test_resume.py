@@ -165,7 +165,21 @@ def _during_row(n: int) -> None:
     structlearn.recording.RunRecord.add_row = add_row
 
 
-KILLS = {"step": _after_steps, "checkpoint": _during_checkpoint, "row": _during_row}
+def _before_summary(n: int) -> None:
+    """Die as the summary is about to be written: after the last (finalised) checkpoint, before the outcome."""
+
+    def write_summary(self, summary):
+        _kill_self()
+
+    structlearn.recording.RunRecord.write_summary = write_summary
+
+
+KILLS = {
+    "step": _after_steps,
+    "checkpoint": _during_checkpoint,
+    "row": _during_row,
+    "summary": _before_summary,
+}
 
 
 def _child(overrides: list[str], run_dir: str, kill: tuple[str, int] | None, sigterm_at: int | None) -> None:
@@ -262,6 +276,8 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(
     ]
     if name in ("dense", "rigl", "urn"):  # the record is the runner's: three methods show it is repaired
         kills.append(("row", rng.randrange(2, 4)))  # in the middle of a metrics row
+    if name in ("morphonet", "urn"):  # methods whose final network differs from the last epoch's (a prune)
+        kills.append(("summary", 1))  # after the finalised checkpoint: resuming must not finalise again
     for i, (kind, n) in enumerate(kills):
         run_dir = tmp_path / f"{kind}{i}"
         _killed_run([*BASE, *RUNS[name]], run_dir, kind, n)
@@ -442,7 +458,9 @@ def test_a_diverged_run_ends_the_cli_with_a_clear_line(tmp_path):
     proc = cli(*CLI_RUN, "schedule.optimizer.lr=1e30", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 3  # its own exit status: a script sees that the run did not complete
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("structlearn: run diverged: non-finite") and "nothing was recorded before it" in last
+    assert (
+        last.startswith("structlearn: run diverged: non-finite") and "nothing was recorded before it" in last
+    )
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
 
 
@@ -590,6 +608,11 @@ def test_with_saved_overrides_puts_the_runs_own_overrides_first(tmp_path):
     ]
     with pytest.raises(ConfigError, match="there is no run directory there"):
         with_saved_overrides([f"resume={tmp_path / 'typo'}"])
+    # a group chosen again on the command line drops the run's overrides under it
+    grouped = RunDir(tmp_path / "grouped")
+    grouped.mark(["method=rigl", "checkpoint.every_epochs=2", "logger.wandb.mode=online"], {})
+    argv = [f"resume={grouped.path}", "checkpoint=none", "logger=none"]
+    assert with_saved_overrides(argv) == ["method=rigl", *argv]
 
 
 def _submitit_worker(sweep: Path, timeout: float = 60) -> int:

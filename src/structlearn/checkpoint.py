@@ -61,7 +61,10 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a file that is not a checkpoint, or one from an unsafe writer
-        raise CheckpointMismatch(f"{path} is not a readable structlearn checkpoint: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [""])[0]  # torch's advice to load unsafely is not passed on
+        raise CheckpointMismatch(
+            f"{path} is not a readable structlearn checkpoint ({type(exc).__name__}: {first})"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointMismatch(

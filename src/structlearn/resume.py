@@ -77,7 +77,7 @@ def plan_start(run_dir: RunDir, config: Mapping[str, Any], explicit: str | None)
     """
     check_target(run_dir, explicit)
     if run_dir.is_run():
-        _check_same_config(run_dir, config)
+        check_same_config(run_dir, config)
     finished = _finished(run_dir)
     if finished is not None:
         return Start(finished=finished)
@@ -132,15 +132,15 @@ def check_not_foreign(run_dir: RunDir) -> None:
         )
 
 
-def _check_same_config(run_dir: RunDir, config: Mapping[str, Any]) -> None:
+def check_same_config(run_dir: RunDir, config: Mapping[str, Any]) -> None:
     differences = ckpt.config_differences(
         run_dir.read_marker().get("config") or {}, config, saved_in="the run's config"
     )
     if differences:
         listing = "\n  ".join(differences)
         raise ConfigError(
-            f"{run_dir.path} holds a run with another config; nothing in it was touched:\n  {listing}\n"
-            "Start the new run in another directory."
+            f"{run_dir.path} holds a run with another config; its records and checkpoint were left as they "
+            f"were:\n  {listing}\nStart the new run in another directory."
         )
 
 
@@ -181,6 +181,10 @@ def with_saved_overrides(argv: list[str]) -> list[str]:
     if not resume or not resume[-1] or {"-m", "--multirun"} & set(argv):
         return argv
     saved = check_resumable(resume[-1]).overrides() or []
-    given = {_override_key(a) for a in argv if not a.startswith("-")}
-    kept = [o for o in saved if _override_key(o) not in given | {"resume"}]
+    given = {_override_key(a) for a in argv if not a.startswith("-")} | {"resume"}
+
+    def replaced(key: str) -> bool:  # set again, or under a group the command line chooses again
+        return any(key == g or key.startswith(f"{g}.") for g in given)
+
+    kept = [o for o in saved if not replaced(_override_key(o))]
     return [*kept, *argv]

@@ -27,7 +27,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from structlearn.resume import check_not_foreign, check_target, code_version, plan_start, with_saved_overrides
+from structlearn.resume import (
+    check_not_foreign,
+    check_same_config,
+    check_target,
+    code_version,
+    plan_start,
+    with_saved_overrides,
+)
 from structlearn.run_dir import RunDir
 from structlearn.runner import PRECISIONS, train
 from structlearn.utils import (
@@ -137,8 +144,10 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
     A failure before training leaves a ``failed`` summary in a directory that is this run's;
     a refused directory is left untouched.
     """
-    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    check_target(run_dir, cfg.get("resume"))  # before the lock file is made in it
+    path = run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
+    run_dir = HELD.get(path.resolve()) or RunDir(path)  # the lock the app's callback took, if any
+    if not run_dir.locked:
+        check_target(run_dir, cfg.get("resume"))  # before the lock file is made in it
     with run_dir.lock():
         config = OmegaConf.to_container(cfg, resolve=True)
         start = plan_start(run_dir, config, cfg.get("resume"))
@@ -274,23 +283,57 @@ class OutputDirCheck(Callback):
         self._sweep: RunDir | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Lock the run's directory until the run ends (the app's ``execute`` uses this lock)."""
         run_dir = RunDir(config.hydra.run.dir)
         with _one_line_errors():
-            check_output_dir(run_dir.path)
             check_not_foreign(run_dir)  # only a run's directory or a new one is written...
-            with run_dir.lock():  # ...and only when no other process is writing it
-                pass
+            check_output_dir(run_dir.path)
+            run_dir.acquire()  # ...only by one process...
+            HELD[run_dir.path.resolve()] = run_dir
+            if run_dir.is_run():  # ...and only by the run of its config
+                task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+                try:
+                    resolved = OmegaConf.to_container(task, resolve=True)
+                except Exception:  # resolved again in the app, which reports what fails
+                    return
+                check_same_config(run_dir, resolved)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = HELD.pop(RunDir(config.hydra.run.dir).path.resolve(), None)
+        if run_dir is not None:
+            run_dir.release()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = RunDir(config.hydra.sweep.dir)
         with _one_line_errors():
-            check_output_dir(config.hydra.sweep.dir)
-            self._sweep = RunDir(config.hydra.sweep.dir)
-            self._sweep.acquire()
-        SWEEPS.append(Path(config.hydra.sweep.dir))
+            check_sweep_dir(sweep)
+            check_output_dir(sweep.path)
+            sweep.acquire()
+        self._sweep = sweep
+        SWEEPS.append(sweep.path)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._sweep is not None:
             self._sweep.release()
+
+
+HELD: dict[Path, RunDir] = {}  # run directories this process has locked from Hydra's start of the run
+
+
+def check_sweep_dir(sweep: RunDir) -> None:
+    """A sweep writes into a new directory or a sweep's: Hydra's files, reports, and job runs (or new ones)."""
+    if not sweep.path.is_dir():
+        return
+    own = {"multirun.yaml", ".submitit", RunDir.LOCK, "optuna.db"}
+    for entry in sweep.path.iterdir():
+        ours = entry.name in own or entry.suffix == ".log" or entry.name.startswith("report")
+        if entry.is_dir() and not ours:
+            ours = RunDir(entry).is_run() or RunDir(entry).is_new()
+        if not ours:
+            raise ConfigError(
+                f"{sweep.path} holds files that are not a structlearn sweep's ({entry.name}); nothing in it was "
+                "touched: choose another directory (hydra.sweep.dir=...)"
+            )
 
 
 @contextlib.contextmanager

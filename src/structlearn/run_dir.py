@@ -159,7 +159,10 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[RunDir]:
-        """Hold the directory's exclusive lock for the block (:meth:`acquire`, then :meth:`release`)."""
+        """Hold the directory's exclusive lock for the block; a holder already holding it keeps it."""
+        if self.locked:
+            yield self
+            return
         self.acquire()
         try:
             yield self
@@ -170,8 +173,12 @@ class RunDir:
         """Take the directory's exclusive lock; raise :class:`RunLocked` naming the holder if taken.
 
         The lock is an ``flock`` on ``.lock``, so it goes with its process: a SIGKILLed writer
-        leaves no stale lock. Once taken, temporary files left by killed writers are removed.
+        leaves no stale lock. Once taken, temporary files left by killed writers are removed. Any
+        failure is one line (a file system without ``flock`` support names itself), and never
+        leaves the lock held.
         """
+        if self.locked:
+            return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -182,18 +189,36 @@ class RunDir:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            holder = self._holder(fd)
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise RunLocked(
-                    f"{self.path} is being written by another process (pid {holder}); wait for it to end, "
+                    f"{self.path} is being written by another process ({holder}); wait for it to end, "
                     "or choose another directory (hydra.run.dir=... or hydra.sweep.dir=...)"
                 ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-        self.remove_stale_temps()
+            raise ConfigError(
+                f"output directory {self.path} cannot be locked ({exc.strerror or exc}): its file system "
+                "does not support flock (mount it with flock support, or write runs elsewhere)"
+            ) from None
+        try:
+            # one fixed-width write: a reader never sees the file empty or half-written
+            os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
+            self._lock_fd = fd
+            self.remove_stale_temps()
+        except OSError as exc:
+            if self._lock_fd is not None:
+                self.release()
+            else:
+                os.close(fd)
+            raise ConfigError(
+                f"output directory {self.path} is not writable ({exc.strerror or exc})"
+            ) from exc
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        """``pid N`` of the lock's holder, read from its file (``another process`` if unreadable)."""
+        pid = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        return f"pid {pid}" if pid.isdigit() else "pid unknown"
 
     def release(self) -> None:
         """Give the lock back (closing its file releases it too, as a process's death does)."""

@@ -341,9 +341,9 @@ class _Loop:
         except torch.OutOfMemoryError as exc:
             raise self._out_of_memory(exc, batch_size, where) from exc
 
-    def save(self, state: RunState) -> bool:
-        """Write ``checkpoint.pt`` (when checkpoints are on); returns whether one was written."""
-        if self.checkpointing is None:
+    def save(self, state: RunState, force: bool = False) -> bool:
+        """Write ``checkpoint.pt`` (when checkpoints are on, or ``force``); returns whether one was written."""
+        if self.checkpointing is None and not force:
             return False
         self.recorder.sync()  # the rows and events it counts are on disk before it is
         data = {"input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes}
@@ -364,6 +364,8 @@ class _Loop:
 
     def finish(self, state: RunState, label: str) -> dict[str, Any]:
         """Finalise the network (evaluating it again if that changed it), then describe it."""
+        # a checkpoint left by an earlier attempt of a run resumed without checkpoints is brought to the end
+        stale = self.checkpointing is None and self.recorder.record.run_dir.checkpoint.exists()
         if not state.finalized:
             if self.method.finalize(self.model):
                 state.before_finalize = state.final
@@ -371,7 +373,11 @@ class _Loop:
                 held_out = self.evaluate_held_out("the final evaluation")
                 state.final = {**held_out, "train_loss": train_eval["loss"], "train_acc": train_eval["acc"]}
                 state.finalized = True
-                self.save(state)  # the last checkpoint holds the network the final metrics describe
+                self.save(
+                    state, force=stale
+                )  # the last checkpoint holds the network the final metrics describe
+            elif stale:
+                self.save(state, force=True)
         elif state.before_finalize is not None:  # resumed after finalising: methods read the last evaluation
             self.evaluate_held_out("the final evaluation")
         out: dict[str, Any] = {
