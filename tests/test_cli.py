@@ -102,15 +102,18 @@ def test_unknown_device_and_unknown_group_option(tmp_path):
 
 def test_a_failed_job_does_not_take_its_sweep_down(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli(
-        "-m",
-        "method=static",
-        "method.density=1.5,0.5",
-        *FAST,
-        "logger=none",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
+    grid = ["-m", "method=static", "method.density=1.5,0.5", *FAST, "logger=none", f"hydra.sweep.dir={sweep}"]
+    # pre-flight (on by default) finds the bad cell before anything runs, one line per bad job
+    proc = cli(*grid, cwd=tmp_path)
+    assert proc.returncode == 2 and not (sweep / "0").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "structlearn: error: 1 of 2 jobs are invalid; nothing was launched (check skipped with "
+        "hydra.callbacks.output_dir_check.preflight=false):",
+        f"  job 0 (method=static method.density=1.5 {' '.join(FAST)} logger=none): "
+        "method.density=1.5 is invalid: must be in (0, 1]",
+    ]
+    # without it, the bad job fails alone
+    proc = cli(*grid, "hydra.callbacks.output_dir_check.preflight=false", cwd=tmp_path)
     assert proc.returncode == 2  # the sweep reports that a job failed, in one line and no traceback...
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (

@@ -20,13 +20,17 @@ from typing import Any
 
 import hydra
 import torch
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from structlearn.methods.base import Plan
 from structlearn.resume import (
     check_not_foreign,
     check_same_config,
@@ -160,12 +164,7 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
             torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
             seed_everything(seed)
             objects = _build(cfg)
-            metric = cfg.get("optimized_metric")
-            if metric and "val_" in str(metric) and not objects["data"].has_val:
-                raise ConfigError(
-                    f"optimized_metric={metric!r} is invalid: the dataset has no validation split "
-                    "(dataset.val_fraction is 0); set dataset.val_fraction > 0"
-                )
+            _check_objective_data(cfg, objects["data"])
         except Exception as exc:
             if not run_dir.summary.exists():  # failed before training: say so in the run's own record
                 error = f"{exc}" if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
@@ -200,6 +199,67 @@ def _build(cfg: DictConfig) -> dict[str, Any]:
         "analysis": build(cfg.analysis, "analysis") if cfg.get("analysis") else None,
         "checkpointing": build(cfg.checkpoint, "checkpoint") if cfg.get("checkpoint") else None,
     }
+
+
+def _check_objective_data(cfg: DictConfig, data: Any) -> None:
+    metric = cfg.get("optimized_metric")
+    if metric and "val_" in str(metric) and not data.has_val:
+        raise ConfigError(
+            f"optimized_metric={metric!r} is invalid: the dataset has no validation split "
+            "(dataset.val_fraction or dataset.val_size is 0); hold out a validation split"
+        )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Everything a job checks before training, without training: scalars, every object, the method on its model.
+
+    Datasets read from files (CIFAR-10) are not loaded here: their arguments are checked when the
+    job starts.
+    """
+    _scalars(cfg)
+    light = not str(cfg.dataset.get("_target_", "")).endswith("CIFAR10")
+    if light:
+        objects = _build(cfg)
+        _check_objective_data(cfg, objects["data"])
+        data, method, schedule = objects["data"], objects["method"], objects["schedule"]
+        plan = Plan(schedule.epochs, data.steps_per_epoch(schedule.batch_size), cfg.seed, torch.device("cpu"))
+        try:
+            model = method.prepare(objects["model"], plan)
+            method.configure_optimizers(model, schedule, plan)
+        except ValueError as exc:
+            raise ConfigError(f"method: {exc}") from exc
+        return
+    for key in ("method", "schedule", "analysis", "checkpoint"):
+        if cfg.get(key):
+            build(cfg[key], key)
+    for name, node in (cfg.get("logger") or {}).items():
+        build(node, f"logger.{name}")
+
+
+def preflight(config: DictConfig) -> None:
+    """Compose and validate every job of a grid sweep before any is launched; one line per bad job.
+
+    Raises:
+        ConfigError: ``K of N jobs are invalid; nothing was launched``, then one line per bad job
+            naming its overrides and what is wrong.
+    """
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    bad = []
+    for num, job in enumerate(jobs):
+        try:
+            validate(compose(config_name=config.hydra.job.config_name, overrides=job))
+        except ConfigError as exc:
+            bad.append(f"job {num} ({' '.join(job)}): {' '.join(str(exc).split())}")
+        except (HydraException, OmegaConfBaseException) as exc:
+            bad.append(f"job {num} ({' '.join(job)}): {hydra_error_line(exc)}")
+    if bad:
+        listing = "\n  ".join(bad)
+        raise ConfigError(
+            f"{len(bad)} of {len(jobs)} jobs are invalid; nothing was launched (check skipped with "
+            f"hydra.callbacks.output_dir_check.preflight=false):\n  {listing}"
+        )
 
 
 def _overrides() -> list[str]:
@@ -279,7 +339,8 @@ class OutputDirCheck(Callback):
     Registered in ``conf/config.yaml`` under ``hydra.callbacks``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, preflight: bool = True) -> None:
+        self.preflight = preflight
         self._sweep: RunDir | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -309,7 +370,10 @@ class OutputDirCheck(Callback):
             check_sweep_dir(sweep)
             check_output_dir(sweep.path)
             sweep.acquire()
-        self._sweep = sweep
+            self._sweep = sweep
+            if self.preflight and str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+                log.info("pre-flight: composing and validating every job of the sweep")
+                preflight(config)
         SWEEPS.append(sweep.path)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
