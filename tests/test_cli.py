@@ -91,7 +91,10 @@ def test_unknown_device_and_unknown_group_option(tmp_path):
     assert "structlearn: error: device='tpu' is invalid: must be one of 'auto', 'cpu'" in proc.stderr
     # Hydra's own errors, one line each with exit 2 like every other bad input
     for args, message in (
-        (["method=nonexistent"], "could not find 'method/nonexistent'; the options of 'method' are dense, gmp,"),
+        (
+            ["method=nonexistent"],
+            "could not find 'method/nonexistent'; the options of 'method' are dense, gmp,",
+        ),
         (["foo.bar=1"], "Could not override 'foo.bar'; To append to your config use +foo.bar=1"),
         (["+foo=1", *FAST], "foo=1 is invalid: 'foo' is not a structlearn setting"),
     ):

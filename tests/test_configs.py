@@ -40,7 +40,11 @@ def test_method_yaml_trains_on_toy_dataset(make_cfg, tmp_path, method, dataset):
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_every_dataset_yaml_instantiates(make_cfg, dataset, cifar_root):
-    cifar = [f"dataset.root={cifar_root}", "dataset.verify=false", "dataset.val_size=10"]  # a tiny folder, not the release
+    cifar = [
+        f"dataset.root={cifar_root}",
+        "dataset.verify=false",
+        "dataset.val_size=10",
+    ]  # a tiny folder, not the release
     extra = cifar if dataset == "cifar10" else TOY_SIZES.get(dataset, [])
     cfg = make_cfg(f"dataset={dataset}", *extra)
     data = build(cfg.dataset, "dataset")

@@ -26,7 +26,7 @@ from structlearn.run import execute
 from structlearn.run_dir import RunDir, RunLocked
 from structlearn.run_state import Checkpoint
 from structlearn.runner import evaluate, train
-from structlearn.utils import ConfigError, atomic_write_text, build, check_output_dir
+from structlearn.utils import ConfigError, WriteError, atomic_write_text, build, check_output_dir
 
 from .conftest import PYTHON, TOY_SIZES
 from .test_cli import cli
@@ -333,3 +333,25 @@ def test_the_recorder_hands_every_row_event_and_the_outcome_to_each_sink(make_cf
         assert [{k: str(v) for k, v in row.items()} for row in logged] == rows
         assert [e for kind, e in tape.calls if kind == "event"] == events and events
         assert ("finish", "completed") in tape.calls
+
+
+def test_a_disk_that_fills_mid_run_fails_naming_the_file_and_keeps_the_last_checkpoint(
+    make_cfg, tmp_path, monkeypatch
+):
+    real, calls = csv.DictWriter.writerow, [0]
+
+    def fills_up(self, row):
+        calls[0] += 1
+        if calls[0] == 3:  # the row of epoch 3 (the header and epoch 2 are calls 1 and 2)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, row)
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", fills_up)
+    with pytest.raises(WriteError):
+        execute(make_cfg(*FAST, "schedule.epochs=4", "checkpoint.every_epochs=1"), tmp_path)
+    summary = json.loads(RunDir(tmp_path).summary.read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"] == (
+        f"could not write {RunDir(tmp_path).metrics} (No space left on device); the last checkpoint is intact"
+    )
+    assert Checkpoint.load(RunDir(tmp_path).checkpoint).position.epoch == 2

@@ -316,7 +316,9 @@ def test_cifar_batches_can_be_channels_last_and_unnormalised(cifar_root):
     assert xl.is_contiguous(memory_format=torch.channels_last) and torch.equal(xl, x)
     xb, _ = next(last.train_batches(8, torch.Generator().manual_seed(0)))  # crop and flip keep the layout
     assert xb.is_contiguous(memory_format=torch.channels_last)
-    raw = CIFAR10(root=str(cifar_root), augment="none", normalize=False, verify=False, val_size=0).prepare(plain.x_train[:4])
+    raw = CIFAR10(root=str(cifar_root), augment="none", normalize=False, verify=False, val_size=0).prepare(
+        plain.x_train[:4]
+    )
     assert torch.equal(raw, plain.x_train[:4].float() / 255)
 
 

@@ -24,7 +24,9 @@ def test_a_sweeper_may_not_optimise_a_test_metric(make_cfg, tmp_path, metric):
 
 
 def test_a_validation_objective_needs_a_validation_split(make_cfg, tmp_path):
-    with pytest.raises(ConfigError, match=r"has no validation split \(dataset.val_fraction is 0\)"):
+    with pytest.raises(
+        ConfigError, match=r"has no validation split \(dataset.val_fraction or dataset.val_size is 0\)"
+    ):
         execute(make_cfg(*TINY, "optimized_metric=final.val_acc", "dataset.val_fraction=0"), tmp_path)
 
 

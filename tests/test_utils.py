@@ -57,7 +57,7 @@ def test_build_names_the_config_path_of_a_bad_value():
     node = {"_target_": "structlearn.methods.Static", "density": 2.0}
     with pytest.raises(ConfigError, match=r"^method.density=2.0 is invalid: must be in \(0, 1\]$"):
         build(node, "method")
-    with pytest.raises(ConfigError, match=r"^model: "):
+    with pytest.raises(ConfigError, match=r"^model.bogus=1 is invalid: MLP takes no argument 'bogus'"):
         build(
             {
                 "_target_": "structlearn.models.MLP",

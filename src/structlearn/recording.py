@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from structlearn.run_dir import RunDir
-from structlearn.utils import atomic_write_json, atomic_write_text, check, json_plain, write_csv
+from structlearn.utils import (
+    WriteError,
+    atomic_write_json,
+    atomic_write_text,
+    check,
+    json_plain,
+    write_csv,
+    writing,
+)
 
 if TYPE_CHECKING:
     from structlearn.analysis.graph import SignedGraph
@@ -187,14 +195,15 @@ class RunRecord:
     def add_row(self, row: Mapping[str, float]) -> None:
         row = dict(row)
         self.rows.append(row)
-        if self._writer is None or any(k not in self._header for k in row):
-            self.close()  # a new key (or the first row): rewrite the file under the wider header
-            self._header = write_csv(self.metrics_path, self.rows)
-            self._file = self.metrics_path.open("a", newline="")
-            self._writer = csv.DictWriter(self._file, fieldnames=self._header)
-        else:
-            self._writer.writerow(row)
-            self._file.flush()
+        with writing(self.metrics_path):
+            if self._writer is None or any(k not in self._header for k in row):
+                self.close()  # a new key (or the first row): rewrite the file under the wider header
+                self._header = write_csv(self.metrics_path, self.rows)
+                self._file = self.metrics_path.open("a", newline="")
+                self._writer = csv.DictWriter(self._file, fieldnames=self._header)
+            else:
+                self._writer.writerow(row)
+                self._file.flush()
 
     def close(self) -> None:
         """Close metrics.csv (rows written so far stay; the next row reopens it)."""
@@ -203,7 +212,7 @@ class RunRecord:
         self._file = self._writer = None
 
     def add_event(self, event: Mapping[str, float], step: int) -> None:
-        with self.events_path.open("a") as f:
+        with writing(self.events_path), self.events_path.open("a") as f:
             f.write(json.dumps({"step": step, **event}) + "\n")
         self.num_events += 1
 
@@ -211,7 +220,7 @@ class RunRecord:
         """Force the rows and events written so far to disk (before a checkpoint counts them)."""
         for path in (self.metrics_path, self.events_path):
             if path.exists():
-                with path.open("rb+") as f:
+                with writing(path), path.open("rb+") as f:
                     os.fsync(f.fileno())
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
@@ -293,7 +302,10 @@ class Recorder:
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         """The run ended: write ``summary.json``, then close every sink that started."""
-        self.record.write_summary(summary)
+        try:
+            self.record.write_summary(summary)
+        except WriteError as exc:  # the run's own error, if any, is what the caller sees
+            log.error("%s: the run's outcome (%s) is not on disk", exc, summary.get("status"))
         for sink in self._started:
             try:
                 sink.finish(summary)

@@ -43,6 +43,7 @@ from structlearn.run_dir import RunDir
 from structlearn.runner import PRECISIONS, train
 from structlearn.utils import (
     ConfigError,
+    WriteError,
     atomic_write_json,
     build,
     check_output_dir,
@@ -98,7 +99,10 @@ def _scalars(cfg: DictConfig) -> tuple[int, torch.device, str]:
         raise ConfigError(f"seed={seed!r} is invalid: must be an integer >= 0")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r} is invalid: must be one of {PRECISIONS}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
+    density = cfg.get("density")
+    if isinstance(density, bool) or not isinstance(density, int | float) or not 0 < density <= 1:
+        raise ConfigError(f"density={density!r} is invalid: must be in (0, 1] (the sparse methods' density)")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"threads={threads!r} is invalid: must be an integer >= 1 or null")
     _check_objective(cfg.get("optimized_metric"), cfg.get("failed_value"))
     device = resolve_device(cfg.device)
@@ -312,6 +316,14 @@ def app(cfg: DictConfig) -> float | None:
         log.error("job %s failed: %s", HydraConfig.get().job.num, exc)
         FAILED_JOBS.append(str(exc))
         return float(failed_value) if metric and failed_value is not None else None
+    except WriteError as exc:  # a full disk or a read-only file system: one line, the summary says which file
+        if not multirun:
+            print(f"structlearn: error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        if metric and failed_value is not None:
+            log.error("job failed: %s", exc)
+            return float(failed_value)
+        raise
     except Exception as exc:
         if multirun and metric and failed_value is not None:
             log.exception("job failed: %s: %s", type(exc).__name__, exc)

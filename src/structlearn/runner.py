@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from structlearn.recording import Recorder, RunInfo, Sink
 from structlearn.run_dir import RunDir
 from structlearn.run_state import Checkpoint, Checkpointing, RunState, restore_network, restore_optimizers
 from structlearn.schedules import TrainSchedule
-from structlearn.utils import ConfigError
+from structlearn.utils import ConfigError, WriteError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = ["Checkpointing", "Diverged", "OutOfMemory", "evaluate", "train", "tra
 
 log = logging.getLogger("structlearn")
 PRECISIONS = ("fp32", "tf32", "bf16")
+_NAMED = re.compile(r"^\S+=.* is invalid: ")
 
 
 class Diverged(RuntimeError):
@@ -199,8 +201,9 @@ def _method_settings() -> Iterator[None]:
     """A method whose settings do not fit the model or the schedule raises ValueError: a config error."""
     try:
         yield
-    except ValueError as exc:
-        raise ConfigError(f"method: {exc}") from exc
+    except ValueError as exc:  # a message that names its key keeps it first
+        message = str(exc)
+        raise ConfigError(message if _NAMED.match(message) else f"method: {message}") from exc
 
 
 @dataclass
@@ -425,6 +428,9 @@ def _stopped(
             "interrupted": guard.received,
             "error": f"interrupted by {guard.received}{where}{resume}",
         }
+    if isinstance(exc, WriteError):  # a full disk: say which file, and what is still there
+        kept = "; the last checkpoint is intact" if run_dir.checkpoint.exists() else ""
+        return {"status": "failed", "error": f"{exc}{kept}"}
     return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 

@@ -7,12 +7,23 @@ restored step, and testing one is calling it with a few numbers.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from structlearn.utils import check
+from structlearn.utils import (
+    check,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    is_int,
+    is_list,
+    is_number,
+)
 
 DECAYS = ("cosine", "linear", "constant")
 LR_DECAYS = (*DECAYS, "step")
@@ -43,22 +54,22 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         check(
-            isinstance(self.total_steps, int) and self.total_steps > 0,
+            is_int(self.total_steps) and self.total_steps > 0,
             "total_steps",
             self.total_steps,
             "must be an integer > 0",
         )
-        check(self.decay in LR_DECAYS, "decay", self.decay, f"must be one of {LR_DECAYS}")
-        marks = list(self.milestones)
+        check_choice(self.decay, "decay", LR_DECAYS)
+        marks = self.milestones
         check(
-            all(0.0 < m < 1.0 for m in marks) and marks == sorted(marks),
+            is_list(marks, is_number) and all(0.0 < m < 1.0 for m in marks) and list(marks) == sorted(marks),
             "milestones",
-            marks,
-            "must be increasing fractions in (0, 1)",
+            list(marks) if is_list(marks) else marks,
+            "must be a list of increasing fractions in (0, 1)",
         )
-        check(0.0 < self.gamma <= 1.0, "gamma", self.gamma, "must be in (0, 1]")
-        check(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", self.warmup_fraction, "must be in [0, 1)")
-        check(0.0 <= self.final_factor <= 1.0, "final_factor", self.final_factor, "must be in [0, 1]")
+        check_number(self.gamma, "gamma", 0.0, 1.0, low_open=True)
+        check_number(self.warmup_fraction, "warmup_fraction", 0.0, 1.0, high_open=True)
+        check_number(self.final_factor, "final_factor", 0.0, 1.0)
 
     def __call__(self, step: int) -> float:
         n_warm = round(self.warmup_fraction * self.total_steps)
@@ -126,37 +137,171 @@ class TrainSchedule:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            check(is_int(value) and value > 0, name, value, "must be an integer > 0")
         check(
-            isinstance(self.epochs, int) and self.epochs > 0, "epochs", self.epochs, "must be an integer > 0"
+            self.grad_clip is None or (is_number(self.grad_clip) and self.grad_clip > 0),
+            "grad_clip",
+            self.grad_clip,
+            "must be a finite number > 0 or null",
         )
-        check(
-            isinstance(self.batch_size, int) and self.batch_size > 0,
-            "batch_size",
-            self.batch_size,
-            "must be an integer > 0",
-        )
-        check(
-            isinstance(self.eval_every, int) and self.eval_every > 0,
-            "eval_every",
-            self.eval_every,
-            "must be an integer > 0",
-        )
-        check(
-            self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0 or null"
-        )
+        check(callable(self.lr_schedule), "lr_schedule", self.lr_schedule, "must be a partial LRSchedule")
         try:  # build the lr schedule once now, so a bad value stops the run before training
             self.lr_schedule(total_steps=1)
         except ValueError as exc:
             raise ValueError(f"lr_schedule.{exc}") from exc
-        keywords = getattr(self.optimizer, "keywords", {})
-        for name in ("lr", "weight_decay"):
-            value = keywords.get(name, 0.0)
+        check_optimizer(self.optimizer, "optimizer")
+
+
+def _nonnegative(value: Any, name: str) -> None:
+    check_number(value, name, 0.0)
+
+
+def _betas(value: Any, name: str) -> None:
+    check(
+        is_list(value, is_number) and len(value) == 2 and all(0.0 <= b < 1.0 for b in value),
+        name,
+        list(value) if is_list(value) else value,
+        "must be a list of two numbers in [0, 1)",
+    )
+
+
+def _optional_bool(value: Any, name: str) -> None:
+    check(value is None or isinstance(value, bool), name, value, "must be true, false or null")
+
+
+def _pair(low: float, low_open: bool, high: float | None = None) -> Callable[[Any, str], None]:
+    def validate(value: Any, name: str) -> None:
+        def ok(v: Any) -> bool:
+            return is_number(v) and (v > low if low_open else v >= low) and (high is None or v <= high)
+
+        bound = f"{'>' if low_open else '>='} {low}" + ("" if high is None else f" and <= {high}")
+        check(
+            is_list(value, ok) and len(value) == 2,
+            name,
+            list(value) if is_list(value) else value,
+            f"must be a list of two numbers {bound}",
+        )
+
+    return validate
+
+
+# What each keyword argument of a torch.optim optimiser may be (torch's own rules, plus: finite numbers,
+# never a bool where a number is meant, never 0/1 or a string where a bool is meant).
+OPTIMIZER_ARGUMENTS: dict[str, Callable[[Any, str], None]] = {
+    "lr": lambda v, n: check(
+        (is_number(v) and v >= 0) or _is_tensor(v), n, v, "must be a finite number >= 0"
+    ),
+    "weight_decay": _nonnegative,
+    "momentum": _nonnegative,
+    "dampening": lambda v, n: check_number(v, n),
+    "eps": _nonnegative,
+    "alpha": _nonnegative,
+    "lr_decay": _nonnegative,
+    "initial_accumulator_value": _nonnegative,
+    "momentum_decay": _nonnegative,
+    "lambd": _nonnegative,
+    "t0": _nonnegative,
+    "rho": lambda v, n: check_number(v, n, 0.0, 1.0),
+    "betas": _betas,
+    "etas": _pair(0.0, True),
+    "step_sizes": _pair(0.0, False),
+    "max_iter": lambda v, n: check_int(v, n, 1),
+    "max_eval": lambda v, n: check_int(v, n, 1, allow_none=True),
+    "history_size": lambda v, n: check_int(v, n, 1),
+    "tolerance_grad": _nonnegative,
+    "tolerance_change": _nonnegative,
+    "line_search_fn": lambda v, n: check_choice(v, n, (None, "strong_wolfe")),
+    "foreach": _optional_bool,
+    "fused": _optional_bool,
+}
+for _flag in (
+    "nesterov",
+    "amsgrad",
+    "maximize",
+    "capturable",
+    "differentiable",
+    "centered",
+    "decoupled_weight_decay",
+):
+    OPTIMIZER_ARGUMENTS[_flag] = check_bool
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "numel") and value.numel() == 1
+
+
+def check_optimizer(optimizer: Any, name: str = "optimizer") -> None:
+    """Check a partial optimiser's keyword arguments before training: the one place for every optimiser.
+
+    ``optimizer`` is what a config's ``_partial_: true`` node becomes (a ``functools.partial`` of a
+    ``torch.optim`` class), or any callable taking the parameters. Each keyword argument is checked
+    (:data:`OPTIMIZER_ARGUMENTS`: ``lr``, ``momentum``, ``betas``, ``eps``, ``nesterov``...), an
+    argument the optimiser does not take is refused naming it, and the combinations torch refuses
+    only when the optimiser is built (Nesterov without momentum) are refused now. Messages read
+    ``<name>.lr=-0.1 is invalid: must be a finite number >= 0``.
+
+    Used by :class:`TrainSchedule` (``optimizer``) and by methods with optimisers of their own
+    (MorphoNet's ``mask_optimizer``).
+    """
+    check(
+        callable(optimizer),
+        name,
+        optimizer,
+        "must be a partial optimiser (a node with _target_ and _partial_: true)",
+    )
+    if not isinstance(optimizer, functools.partial):
+        return
+    keywords, target = dict(optimizer.keywords), optimizer.func
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        parameters = None
+    if parameters is not None and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        settable = [n for n, p in parameters.items() if p.default is not inspect.Parameter.empty]
+        for key, value in keywords.items():
             check(
-                isinstance(value, int | float) and value >= 0 and math.isfinite(value),
-                f"optimizer.{name}",
+                key in parameters,
+                f"{name}.{key}",
                 value,
-                "must be a finite number >= 0",
+                f"{getattr(target, '__name__', target)} takes no argument {key!r} (its arguments: {', '.join(settable)})",
             )
+    for key, value in keywords.items():
+        default = parameters[key].default if parameters is not None and key in parameters else None
+        validate = OPTIMIZER_ARGUMENTS.get(key)
+        if isinstance(default, tuple) and key not in ("betas", "etas", "step_sizes"):
+            validate = None  # a pair where most optimisers take a number (Adafactor's eps): torch judges it
+        if validate is not None:
+            validate(value, f"{name}.{key}")
+        else:
+            _like_default(value, f"{name}.{key}", default)
+    if keywords.get("nesterov"):
+        momentum = keywords.get("momentum", _default(parameters, "momentum"))
+        dampening = keywords.get("dampening", _default(parameters, "dampening"))
+        check(
+            is_number(momentum) and momentum > 0 and dampening == 0,
+            f"{name}.nesterov",
+            True,
+            f"Nesterov momentum needs momentum > 0 and dampening = 0 (here momentum={momentum!r}, "
+            f"dampening={dampening!r})",
+        )
+
+
+def _default(parameters: Any, key: str) -> Any:
+    if parameters is None or key not in parameters:
+        return 0
+    return parameters[key].default
+
+
+def _like_default(value: Any, name: str, default: Any) -> None:
+    """An argument without a rule of its own: of the type of its default (bool, integer, number)."""
+    if isinstance(default, bool):
+        check_bool(value, name)
+    elif isinstance(default, int):
+        check_int(value, name)
+    elif isinstance(default, float):
+        check_number(value, name)
 
 
 def drop_fraction(step: int, *, initial: float, end: int, decay: str = "cosine") -> float:

@@ -39,7 +39,16 @@ from structlearn.analysis.graph import SignedGraph, write_graph
 from structlearn.analysis.motifs import MotifProfile, motif_census, motif_profile
 from structlearn.analysis.plots import plot_profile, plot_trajectory
 from structlearn.analysis.topology import layer_stats, possible_edges, topology_summary
-from structlearn.utils import atomic_write_json, check, json_plain, write_csv
+from structlearn.utils import (
+    atomic_write_json,
+    check,
+    check_bool,
+    check_int,
+    check_number,
+    is_list,
+    json_plain,
+    write_csv,
+)
 
 log = logging.getLogger("structlearn")
 
@@ -114,22 +123,18 @@ class StructureAnalysis:
         export: Sequence[str] = ("npz",),
         graphml_max_edges: int = 200_000,
     ) -> None:
+        check_bool(at_end, "at_end")
+        check_int(every_epochs, "every_epochs", 1, allow_none=True)
+        check_int(randomizations, "randomizations", 0)
+        check_number(swaps_per_edge, "swaps_per_edge", 0.0, low_open=True)
+        check_bool(by_sign, "by_sign")
         check(
-            every_epochs is None or (isinstance(every_epochs, int) and every_epochs >= 1),
-            "every_epochs",
-            every_epochs,
-            "must be an integer >= 1 or null",
+            is_list(export, lambda e: e in EXPORTS),
+            "export",
+            list(export) if is_list(export) else export,
+            f"must be a list, each one of {EXPORTS} (e.g. [npz, edges]; [] for none)",
         )
-        check(
-            isinstance(randomizations, int) and not isinstance(randomizations, bool) and randomizations >= 0,
-            "randomizations",
-            randomizations,
-            "must be an integer >= 0",
-        )
-        check(swaps_per_edge > 0, "swaps_per_edge", swaps_per_edge, "must be > 0")
-        unknown = [e for e in export if e not in EXPORTS]
-        check(not unknown, "export", list(export), f"each must be one of {EXPORTS}")
-        check(graphml_max_edges >= 0, "graphml_max_edges", graphml_max_edges, "must be >= 0")
+        check_int(graphml_max_edges, "graphml_max_edges", 0)
         self.at_end, self.every_epochs = bool(at_end), every_epochs
         self.randomizations, self.swaps_per_edge, self.by_sign = (
             randomizations,

@@ -13,29 +13,33 @@ from sklearn import datasets as skd
 from sklearn.model_selection import train_test_split
 
 from structlearn.data.base import InMemoryDataset
-from structlearn.utils import check
+from structlearn.utils import check, check_bool, is_int, is_list, is_number
 
 VAL_FRACTION = 0.1  # of the training split: validation data for model selection (conf/dataset/*.yaml)
 
 
-def _check_fractions(test_fraction: float, val_fraction: float) -> None:
+def _check_fractions(test_fraction: float, val_fraction: float, seed: int, standardize: bool) -> None:
     check(
-        isinstance(test_fraction, float | int) and 0.0 < test_fraction < 1.0,
+        is_number(test_fraction) and 0.0 < test_fraction < 1.0,
         "test_fraction",
         test_fraction,
         "must be in (0, 1)",
     )
     check(
-        isinstance(val_fraction, float | int) and 0.0 <= val_fraction < 1.0,
+        is_number(val_fraction) and 0.0 <= val_fraction < 1.0,
         "val_fraction",
         val_fraction,
         "must be in [0, 1) (the fraction of the training split held out for validation; 0: none)",
     )
+    check(is_int(seed) and 0 <= seed < 2**32, "seed", seed, "must be an integer in [0, 2**32)")
+    check_bool(standardize, "standardize")
 
 
-def _check_common(n_samples: int, test_fraction: float, val_fraction: float) -> None:
-    check(isinstance(n_samples, int) and n_samples >= 10, "n_samples", n_samples, "must be an integer >= 10")
-    _check_fractions(test_fraction, val_fraction)
+def _check_common(
+    n_samples: int, test_fraction: float, val_fraction: float, seed: int, standardize: bool
+) -> None:
+    check(is_int(n_samples) and n_samples >= 10, "n_samples", n_samples, "must be an integer >= 10")
+    _check_fractions(test_fraction, val_fraction, seed, standardize)
 
 
 def _split(
@@ -104,8 +108,8 @@ def moons(
         seed: seed of the sample and of the split.
         standardize: standardise features with training-split statistics.
     """
-    _check_common(n_samples, test_fraction, val_fraction)
-    check(noise >= 0, "noise", noise, "must be >= 0")
+    _check_common(n_samples, test_fraction, val_fraction, seed, standardize)
+    check(is_number(noise) and noise >= 0, "noise", noise, "must be >= 0 (a finite number)")
     x, y = skd.make_moons(n_samples=n_samples, noise=noise, random_state=seed)
     return _split(
         "moons",
@@ -140,12 +144,12 @@ def blobs(
         seed: seed of the sample and of the split.
         standardize: standardise features with training-split statistics.
     """
-    _check_common(n_samples, test_fraction, val_fraction)
-    check(isinstance(centers, int) and centers >= 2, "centers", centers, "must be an integer >= 2")
+    _check_common(n_samples, test_fraction, val_fraction, seed, standardize)
+    check(is_int(centers) and centers >= 2, "centers", centers, "must be an integer >= 2")
+    check(is_int(n_features) and n_features >= 1, "n_features", n_features, "must be an integer >= 1")
     check(
-        isinstance(n_features, int) and n_features >= 1, "n_features", n_features, "must be an integer >= 1"
+        is_number(cluster_std) and cluster_std > 0, "cluster_std", cluster_std, "must be a finite number > 0"
     )
-    check(cluster_std > 0, "cluster_std", cluster_std, "must be > 0")
     x, y = skd.make_blobs(
         n_samples=n_samples,
         centers=centers,
@@ -195,10 +199,19 @@ def classification(
         seed: seed of the sample and of the split.
         standardize: standardise features with training-split statistics.
     """
-    _check_common(n_samples, test_fraction, val_fraction)
-    check(isinstance(n_classes, int) and n_classes >= 2, "n_classes", n_classes, "must be an integer >= 2")
+    _check_common(n_samples, test_fraction, val_fraction, seed, standardize)
+    check(is_int(n_classes) and n_classes >= 2, "n_classes", n_classes, "must be an integer >= 2")
+    check(is_int(n_features) and n_features >= 1, "n_features", n_features, "must be an integer >= 1")
+    check(is_int(n_redundant) and n_redundant >= 0, "n_redundant", n_redundant, "must be an integer >= 0")
     check(
-        0 < n_informative <= n_features - n_redundant,
+        is_int(n_clusters_per_class) and n_clusters_per_class >= 1,
+        "n_clusters_per_class",
+        n_clusters_per_class,
+        "must be an integer >= 1",
+    )
+    check(is_number(class_sep) and class_sep > 0, "class_sep", class_sep, "must be a finite number > 0")
+    check(
+        is_int(n_informative) and 0 < n_informative <= n_features - n_redundant,
         "n_informative",
         n_informative,
         f"must be in [1, n_features - n_redundant = {n_features - n_redundant}]",
@@ -255,13 +268,20 @@ def spheres(
         seed: seed of the sample and of the split.
         standardize: standardise features (off by default: the shells are already centred).
     """
-    _check_common(n_samples, test_fraction, val_fraction)
-    check(isinstance(dim, int) and dim >= 1, "dim", dim, "must be an integer >= 1")
-    check(0 <= inner[0] <= inner[1], "inner", tuple(inner), "must be (r_min, r_max) with 0 <= r_min <= r_max")
+    _check_common(n_samples, test_fraction, val_fraction, seed, standardize)
+    check(is_int(dim) and dim >= 1, "dim", dim, "must be an integer >= 1")
+    for name, shell in (("inner", inner), ("outer", outer)):
+        check(
+            is_list(shell, is_number) and len(shell) == 2,
+            name,
+            shell,
+            "must be (r_min, r_max), two finite numbers",
+        )
+    check(0 <= inner[0] <= inner[1], "inner", inner, "must be (r_min, r_max) with 0 <= r_min <= r_max")
     check(
         inner[1] < outer[0] <= outer[1],
         "outer",
-        tuple(outer),
+        outer,
         f"must lie beyond the inner shell {tuple(inner)}",
     )
     rng = np.random.default_rng(seed)
@@ -295,7 +315,7 @@ def digits(
         seed: seed of the split.
         standardize: standardise each pixel with training-split statistics.
     """
-    _check_fractions(test_fraction, val_fraction)
+    _check_fractions(test_fraction, val_fraction, seed, standardize)
     bunch = skd.load_digits()
     return _split(
         "digits",

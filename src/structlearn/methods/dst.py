@@ -42,7 +42,7 @@ from structlearn import schedules
 from structlearn.methods.base import OptimizerSlot, Plan
 from structlearn.methods.masked import MaskedMethod
 from structlearn.sparse.masks import drop_and_grow
-from structlearn.utils import check
+from structlearn.utils import check, check_choice, check_number
 
 UPDATE_ORDERS = ("instead_of_step", "after_step")
 GROW_INITS = ("zero", "random")
@@ -148,21 +148,11 @@ class DynamicSparse(MaskedMethod):
             update_every,
             "must be an integer >= 1 (steps) or 'epoch'",
         )
-        check(isinstance(end, int | float) and 0.0 < end <= 1.0, "end", end, "must be in (0, 1]")
-        check(
-            isinstance(drop_fraction, int | float) and 0.0 <= drop_fraction <= 1.0,
-            "drop_fraction",
-            drop_fraction,
-            "must be in [0, 1]",
-        )
-        check(
-            drop_fraction_decay in schedules.DECAYS,
-            "drop_fraction_decay",
-            drop_fraction_decay,
-            f"must be one of {schedules.DECAYS}",
-        )
-        check(update_order in UPDATE_ORDERS, "update_order", update_order, f"must be one of {UPDATE_ORDERS}")
-        check(grow_init in GROW_INITS, "grow_init", grow_init, f"must be one of {GROW_INITS}")
+        check_number(end, "end", 0.0, 1.0, low_open=True)
+        check_number(drop_fraction, "drop_fraction", 0.0, 1.0)
+        check_choice(drop_fraction_decay, "drop_fraction_decay", schedules.DECAYS)
+        check_choice(update_order, "update_order", UPDATE_ORDERS)
+        check_choice(grow_init, "grow_init", GROW_INITS)
         check(
             isinstance(reset_optimizer_state, bool),
             "reset_optimizer_state",

@@ -25,7 +25,15 @@ from structlearn.sparse.masks import (
     prunable_weights,
     random_mask,
 )
-from structlearn.utils import check
+from structlearn.utils import (
+    check,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_patterns,
+    is_number,
+)
 
 
 class MaskedMethod(Method):
@@ -51,10 +59,11 @@ class MaskedMethod(Method):
         first_layer_dense: bool = False,
         last_layer_dense: bool = False,
     ) -> None:
-        check(
-            isinstance(density, int | float) and 0.0 < density <= 1.0, "density", density, "must be in (0, 1]"
-        )
-        check(distribution in DISTRIBUTIONS, "distribution", distribution, f"must be one of {DISTRIBUTIONS}")
+        check_number(density, "density", 0.0, 1.0, low_open=True)
+        check_choice(distribution, "distribution", DISTRIBUTIONS)
+        check_patterns(dense_layers, "dense_layers")
+        check_bool(first_layer_dense, "first_layer_dense")
+        check_bool(last_layer_dense, "last_layer_dense")
         self.density = float(density)
         self.distribution = distribution
         self.dense_layers = list(dense_layers)
@@ -172,14 +181,9 @@ class GMP(MaskedMethod):
         last_layer_dense: bool = False,
     ) -> None:
         super().__init__(density, distribution, dense_layers, first_layer_dense, last_layer_dense)
-        check(0.0 <= begin < 1.0, "begin", begin, "must be in [0, 1)")
-        check(begin < end <= 1.0, "end", end, f"must be in (begin={begin}, 1]")
-        check(
-            isinstance(update_every, int) and update_every >= 1,
-            "update_every",
-            update_every,
-            "must be an integer >= 1",
-        )
+        check_number(begin, "begin", 0.0, 1.0, high_open=True)
+        check(is_number(end) and begin < end <= 1.0, "end", end, f"must be in (begin={begin}, 1]")
+        check_int(update_every, "update_every", 1)
         self.begin, self.end, self.update_every = begin, end, update_every
         self._begin_step = self._end_step = 0
         self._counts: dict[str, int] = {}

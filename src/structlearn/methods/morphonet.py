@@ -25,7 +25,6 @@ form, 2.0 -> 0.5), set at the start of each epoch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,9 @@ from torch import Tensor, nn
 
 from structlearn.analysis.graph import SignedGraph, model_graph
 from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, count_parameters, default_slot
-from structlearn.schedules import TrainSchedule, cosine
+from structlearn.schedules import TrainSchedule, check_optimizer, cosine
 from structlearn.sparse.masks import prunable_weights
-from structlearn.utils import check
+from structlearn.utils import check, check_bool, check_choice, check_number, check_patterns
 
 PENALTIES = ("quadratic", "hinge", "l1_mean", "none")
 DENSITY_SCHEDULES = ("cosine", "constant")
@@ -194,29 +193,29 @@ class MorphoNet(Method):
         weight_init: str = "he_normal",
         dense_layers: Sequence[str] = (),
     ) -> None:
-        check(0.0 < init_density <= 1.0, "init_density", init_density, "must be in (0, 1]")
-        check(0.0 < target_density <= 1.0, "target_density", target_density, "must be in (0, 1]")
-        check(penalty in PENALTIES, "penalty", penalty, f"must be one of {PENALTIES}")
-        check(
-            penalty_weight >= 0 and math.isfinite(penalty_weight),
-            "penalty_weight",
-            penalty_weight,
-            "must be >= 0",
-        )
-        check(
-            density_schedule in DENSITY_SCHEDULES,
-            "density_schedule",
-            density_schedule,
-            f"must be one of {DENSITY_SCHEDULES}",
-        )
+        check_number(init_density, "init_density", 0.0, 1.0, low_open=True)
+        check_number(target_density, "target_density", 0.0, 1.0, low_open=True)
+        check_choice(penalty, "penalty", PENALTIES)
+        check_number(penalty_weight, "penalty_weight", 0.0)
+        check_choice(density_schedule, "density_schedule", DENSITY_SCHEDULES)
         for name, value in (
             ("temperature_start", temperature_start),
             ("temperature_end", temperature_end),
             ("temperature_fixed", temperature_fixed),
         ):
-            check(value > 0, name, value, "must be > 0")
-        check(grad_clip is None or grad_clip > 0, "grad_clip", grad_clip, "must be > 0 or null")
-        check(weight_init in INITS, "weight_init", weight_init, f"must be one of {INITS}")
+            check_number(value, name, 0.0, low_open=True)
+        for name, flag in (
+            ("anneal_temperature", anneal_temperature),
+            ("optimize_mask", optimize_mask),
+            ("hard_forward", hard_forward),
+            ("include_conv", include_conv),
+        ):
+            check_bool(flag, name)
+        check_number(grad_clip, "grad_clip", 0.0, low_open=True, allow_none=True)
+        check_choice(weight_init, "weight_init", INITS)
+        check_patterns(dense_layers, "dense_layers")
+        if mask_optimizer is not None:
+            check_optimizer(mask_optimizer, "mask_optimizer")
         check(
             not (hard_forward and optimize_mask),
             "hard_forward",
@@ -281,8 +280,8 @@ class MorphoNet(Method):
     ) -> list[OptimizerSlot]:
         if self.grad_clip is not None and schedule.grad_clip is not None:
             raise ValueError(
-                f"grad_clip={self.grad_clip} and schedule.grad_clip={schedule.grad_clip}: MorphoNet clips one "
-                "norm over weights and logits; set one of them to null"
+                f"schedule.grad_clip={schedule.grad_clip!r} is invalid: MorphoNet clips one norm over weights "
+                f"and logits itself (method.grad_clip={self.grad_clip!r}); set one of them to null"
             )
         logit_ids = {id(layer.logits) for layer in self.layers.values()}
         weights = [p for p in model.parameters() if id(p) not in logit_ids]

@@ -64,7 +64,7 @@ from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, co
 from structlearn.models.plastic import PlasticResNet
 from structlearn.plotting import figure
 from structlearn.schedules import TrainSchedule
-from structlearn.utils import atomic_write_json, check
+from structlearn.utils import atomic_write_json, check, check_bool, check_choice, check_int, check_number
 
 CRITERIA = ("lowest", "gradient", "threshold", "none")
 
@@ -94,7 +94,7 @@ class PlasticNet(Method):
         regrow: bool = True,
         train_new_paths: bool = True,
     ) -> None:
-        check(criterion in CRITERIA, "criterion", criterion, f"must be one of {CRITERIA}")
+        check_choice(criterion, "criterion", CRITERIA)
         check(
             rewire_every == "epoch"
             or (isinstance(rewire_every, int) and not isinstance(rewire_every, bool) and rewire_every >= 1),
@@ -102,14 +102,11 @@ class PlasticNet(Method):
             rewire_every,
             "must be an integer >= 1 or 'epoch'",
         )
-        check(
-            until_epoch is None or (isinstance(until_epoch, int) and until_epoch >= 1),
-            "until_epoch",
-            until_epoch,
-            "must be an integer >= 1 or null",
-        )
-        check(isinstance(n_remove, int) and n_remove >= 1, "n_remove", n_remove, "must be an integer >= 1")
-        check(isinstance(threshold, int | float), "threshold", threshold, "must be a number")
+        check_int(until_epoch, "until_epoch", 1, allow_none=True)
+        check_int(n_remove, "n_remove", 1)
+        check_number(threshold, "threshold")
+        check_bool(regrow, "regrow")
+        check_bool(train_new_paths, "train_new_paths")
         self.criterion, self.rewire_every, self.until_epoch = criterion, rewire_every, until_epoch
         self.n_remove, self.threshold = n_remove, float(threshold)
         self.regrow, self.train_new_paths = bool(regrow), bool(train_new_paths)

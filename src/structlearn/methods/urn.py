@@ -40,7 +40,6 @@ Definitions of active neurons, layers and weight directions: :mod:`structlearn.a
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ from structlearn.analysis import urn_readout as ro
 from structlearn.analysis.graph import HIDDEN, INPUT, OUTPUT, SignedGraph, recurrent_graph
 from structlearn.methods.base import Method, Plan
 from structlearn.models.urn import URN as URNModel
-from structlearn.utils import check
+from structlearn.utils import check_bool, check_choice, check_int, check_number
 
 PAIRS = ("all", "upper")
 
@@ -89,16 +88,13 @@ class URN(Method):
         plots: bool = True,
     ) -> None:
         for name, value in (("c_W", c_W), ("c_N", c_N), ("c_syn", c_syn)):
-            check(math.isfinite(value) and value >= 0, name, value, "must be a finite number >= 0")
-        check(beta > 0, "beta", beta, "must be > 0")
-        check(gamma > 0, "gamma", gamma, "must be > 0")
-        check(synaptic_pairs in PAIRS, "synaptic_pairs", synaptic_pairs, f"must be one of {PAIRS}")
-        check(
-            isinstance(probe_size, int) and probe_size >= 1,
-            "probe_size",
-            probe_size,
-            "must be an integer >= 1",
-        )
+            check_number(value, name, 0.0)
+        check_number(beta, "beta", 0.0, low_open=True)
+        check_number(gamma, "gamma", 0.0, low_open=True)
+        check_choice(synaptic_pairs, "synaptic_pairs", PAIRS)
+        check_int(probe_size, "probe_size", 1)
+        check_bool(prune, "prune")
+        check_bool(plots, "plots")
         self.c_W, self.c_N, self.c_syn = float(c_W), float(c_N), float(c_syn)
         self.beta, self.gamma, self.synaptic_pairs = float(beta), float(gamma), synaptic_pairs
         self.probe_size, self.prune, self.plots = probe_size, prune, plots
@@ -116,7 +112,8 @@ class URN(Method):
     def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
         if not isinstance(model, URNModel):
             raise ValueError(
-                f"method=urn needs model=urn (structlearn.models.urn.URN), got {type(model).__name__}"
+                f"model={type(model).__name__!r} is invalid: method=urn needs model=urn "
+                "(structlearn.models.urn.URN)"
             )
         if self.c_syn > 0:
             if model.grid is None:

@@ -7,7 +7,7 @@ import math
 
 from torch import Tensor, nn
 
-from structlearn.utils import check
+from structlearn.utils import check, check_choice, check_number, is_int, is_list
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -32,15 +32,15 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        hidden = list(hidden)
         check(
-            all(isinstance(h, int) and h > 0 for h in hidden),
+            is_list(hidden, lambda h: is_int(h) and h > 0),
             "hidden",
-            hidden,
+            list(hidden) if is_list(hidden) else hidden,
             "must be a list of integers > 0",
         )
-        check(activation in ACTIVATIONS, "activation", activation, f"must be one of {sorted(ACTIVATIONS)}")
-        check(0.0 <= dropout < 1.0, "dropout", dropout, "must be in [0, 1)")
+        hidden = list(hidden)
+        check_choice(activation, "activation", tuple(sorted(ACTIVATIONS)))
+        check_number(dropout, "dropout", 0.0, 1.0, high_open=True)
         widths = [math.prod(input_shape), *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for n_in, n_out in itertools.pairwise(widths):

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from structlearn.models.resnet50 import STEMS, BatchStatsEval, Bottleneck, conv_bn, make_stem
-from structlearn.utils import check
+from structlearn.utils import check, check_bool, check_choice, check_int, is_int, is_list
 
 SPANS = ("any", "adjacent")
 MAX_DOWNSAMPLES = 1  # projections a path may cross: its one 3x3 conv has stride 1 or 2
@@ -130,36 +130,45 @@ class PlasticResNet(BatchStatsEval):
         eval_batch_stats: bool = False,
     ) -> None:
         super().__init__()
-        widths, stage_slots = list(widths), list(stage_slots)
         check(
             len(input_shape) in (1, 3),
             "input_shape",
             tuple(input_shape),
             "PlasticResNet needs images shaped (C, H, W) or feature vectors (D,)",
         )
+        check(is_int(stem_width) and stem_width > 0, "stem_width", stem_width, "must be an integer > 0")
+        check_int(expansion, "expansion", 1)
         check(
-            isinstance(stem_width, int) and stem_width > 0, "stem_width", stem_width, "must be an integer > 0"
-        )
-        check(
-            isinstance(expansion, int) and expansion >= 1, "expansion", expansion, "must be an integer >= 1"
-        )
-        check(
-            len(widths) >= 1 and all(isinstance(w, int) and w > 0 and w % expansion == 0 for w in widths),
+            is_list(widths, lambda w: is_int(w) and w > 0 and w % expansion == 0) and len(widths) >= 1,
             "widths",
-            widths,
+            list(widths) if is_list(widths) else widths,
             f"must be a non-empty list of integers > 0, each divisible by expansion={expansion}",
         )
+        widths = list(widths)
         check(
-            len(stage_slots) == len(widths) and all(isinstance(n, int) and n >= 1 for n in stage_slots),
+            is_list(stage_slots, lambda n: is_int(n) and n >= 1) and len(stage_slots) == len(widths),
             "stage_slots",
-            stage_slots,
-            f"must be {len(widths)} integers >= 1 (one per entry of widths)",
+            list(stage_slots) if is_list(stage_slots) else stage_slots,
+            f"must be a list of {len(widths)} integers >= 1 (one per entry of widths)",
         )
+        stage_slots = list(stage_slots)
+        check_int(max_paths, "max_paths", 0)
+        check_choice(span, "span", SPANS)
+        check_choice(stem, "stem", STEMS)
+        for name, flag in (
+            ("allow_duplicates", allow_duplicates),
+            ("entry_paths", entry_paths),
+            ("channels_last", channels_last),
+            ("eval_batch_stats", eval_batch_stats),
+        ):
+            check_bool(flag, name)
+        check_int(seed, "seed", 0)
         check(
-            isinstance(max_paths, int) and max_paths >= 0, "max_paths", max_paths, "must be an integer >= 0"
+            paths is None or is_list(paths, lambda s: is_list(s, is_int) and len(s) == 2),
+            "paths",
+            paths,
+            "must be a list of [src, dst] pairs of integers, or null",
         )
-        check(span in SPANS, "span", span, f"must be one of {SPANS}")
-        check(stem in STEMS, "stem", stem, f"must be one of {STEMS}")
         self.span, self.allow_duplicates, self.expansion = span, bool(allow_duplicates), expansion
         self.channels_last, self.eval_batch_stats = bool(channels_last), bool(eval_batch_stats)
 

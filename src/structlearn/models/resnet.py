@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from structlearn.utils import check
+from structlearn.utils import check, check_int, is_int, is_list
 
 
 class BasicBlock(nn.Module):
@@ -48,17 +48,17 @@ class ResNet(nn.Module):
         blocks: int = 3,
     ) -> None:
         super().__init__()
-        widths = list(widths)
         check(
             len(input_shape) == 3, "input_shape", tuple(input_shape), "ResNet needs images shaped (C, H, W)"
         )
         check(
-            len(widths) >= 1 and all(w > 0 for w in widths),
+            is_list(widths, lambda w: is_int(w) and w > 0) and len(widths) >= 1,
             "widths",
-            widths,
+            list(widths) if is_list(widths) else widths,
             "must be a non-empty list of integers > 0",
         )
-        check(isinstance(blocks, int) and blocks >= 1, "blocks", blocks, "must be an integer >= 1")
+        widths = list(widths)
+        check_int(blocks, "blocks", 1)
         self.stem = nn.Sequential(
             nn.Conv2d(input_shape[0], widths[0], 3, padding=1, bias=False),
             nn.BatchNorm2d(widths[0]),

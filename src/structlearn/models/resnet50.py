@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from structlearn.utils import check
+from structlearn.utils import check, check_bool, check_choice, check_int, is_int, is_list
 
 STEMS = ("cifar", "seed")
 
@@ -112,29 +112,28 @@ class ResNet50(BatchStatsEval):
         eval_batch_stats: bool = False,
     ) -> None:
         super().__init__()
-        widths, blocks = list(widths), list(blocks)
         check(
             len(input_shape) == 3, "input_shape", tuple(input_shape), "ResNet50 needs images shaped (C, H, W)"
         )
         check(
-            len(widths) >= 1 and all(isinstance(w, int) and w > 0 for w in widths),
+            is_list(widths, lambda w: is_int(w) and w > 0) and len(widths) >= 1,
             "widths",
-            widths,
+            list(widths) if is_list(widths) else widths,
             "must be a non-empty list of integers > 0",
         )
+        widths = list(widths)
         check(
-            len(blocks) == len(widths) and all(isinstance(b, int) and b >= 1 for b in blocks),
+            is_list(blocks, lambda b: is_int(b) and b >= 1) and len(blocks) == len(widths),
             "blocks",
-            blocks,
-            f"must be {len(widths)} integers >= 1 (one per entry of widths)",
+            list(blocks) if is_list(blocks) else blocks,
+            f"must be a list of {len(widths)} integers >= 1 (one per entry of widths)",
         )
-        check(
-            isinstance(expansion, int) and expansion >= 1, "expansion", expansion, "must be an integer >= 1"
-        )
-        check(
-            isinstance(stem_width, int) and stem_width > 0, "stem_width", stem_width, "must be an integer > 0"
-        )
-        check(stem in STEMS, "stem", stem, f"must be one of {STEMS}")
+        blocks = list(blocks)
+        check_int(expansion, "expansion", 1)
+        check(is_int(stem_width) and stem_width > 0, "stem_width", stem_width, "must be an integer > 0")
+        check_choice(stem, "stem", STEMS)
+        check_bool(channels_last, "channels_last")
+        check_bool(eval_batch_stats, "eval_batch_stats")
         self.eval_batch_stats = bool(eval_batch_stats)
         self.stem = make_stem(stem, input_shape[0], stem_width)
         stages, n_in = [], stem_width

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from structlearn.utils import check
+from structlearn.utils import check, check_bool, check_choice, check_int, is_int, is_list
 
 UPDATES = ("plain", "residual_output", "residual_input")
 PLACEMENTS = ("last", "center")
@@ -83,23 +83,20 @@ class URN(nn.Module):
     ) -> None:
         super().__init__()
         d_in, d_out = math.prod(input_shape), int(num_classes)
-        check(
-            isinstance(iterations, int) and iterations >= 1,
-            "iterations",
-            iterations,
-            "must be an integer >= 1",
-        )
-        check(update in UPDATES, "update", update, f"must be one of {UPDATES}")
-        check(activation in ACTIVATIONS, "activation", activation, f"must be one of {sorted(ACTIVATIONS)}")
-        check(outputs in PLACEMENTS, "outputs", outputs, f"must be one of {PLACEMENTS}")
+        check_int(iterations, "iterations", 1)
+        check_choice(update, "update", UPDATES)
+        check_choice(activation, "activation", tuple(sorted(ACTIVATIONS)))
+        check_choice(outputs, "outputs", PLACEMENTS)
+        check_bool(return_activations, "return_activations")
+        check(size is None or is_int(size), "size", size, "must be an integer or null")
         if grid is not None:
-            grid = tuple(grid)
             check(
-                len(grid) == 3 and all(isinstance(g, int) and g >= 1 for g in grid) and grid[2] >= 2,
+                is_list(grid, lambda g: is_int(g) and g >= 1) and len(grid) == 3 and grid[2] >= 2,
                 "grid",
-                list(grid),
+                list(grid) if is_list(grid) else grid,
                 "must be [X, Y, Z], integers >= 1 with Z >= 2 (input plane and output plane differ)",
             )
+            grid = tuple(grid)
             check(
                 grid[0] * grid[1] == d_in,
                 "grid",
@@ -119,7 +116,7 @@ class URN(nn.Module):
         else:
             check(outputs == "last", "outputs", outputs, "'center' needs a grid")
             check(
-                isinstance(size, int) and size >= d_in + d_out,
+                is_int(size) and size >= d_in + d_out,
                 "size",
                 size,
                 f"must be an integer >= d_in + d_out = {d_in + d_out}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from structlearn.utils import check
+from structlearn.utils import check, check_int, check_number, is_int
 
 
 class PreActBlock(nn.Module):
@@ -62,18 +62,13 @@ class WideResNet(nn.Module):
             "WideResNet needs images shaped (C, H, W)",
         )
         check(
-            isinstance(depth, int) and depth >= 10 and (depth - 4) % 6 == 0,
+            is_int(depth) and depth >= 10 and (depth - 4) % 6 == 0,
             "depth",
             depth,
             "must be 6n + 4 for an integer n >= 1 (10, 16, 22, 28, ...)",
         )
-        check(
-            isinstance(widen_factor, int) and widen_factor >= 1,
-            "widen_factor",
-            widen_factor,
-            "must be an integer >= 1",
-        )
-        check(0.0 <= dropout < 1.0, "dropout", dropout, "must be in [0, 1)")
+        check_int(widen_factor, "widen_factor", 1)
+        check_number(dropout, "dropout", 0.0, 1.0, high_open=True)
         blocks = (depth - 4) // 6
         widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.stem = nn.Conv2d(input_shape[0], 16, 3, padding=1, bias=False)
