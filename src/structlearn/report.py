@@ -611,54 +611,51 @@ def _spec(row: pd.Series, overrides: Sequence[str]) -> str:
     return " ".join(f"{c.removeprefix('override:')}={row[c]}" for c in overrides if isinstance(row[c], str))
 
 
+def _section(
+    runs: pd.DataFrame, jobs: pd.DataFrame, title: str, lead: str, item: Any, note: str = "not in the table"
+) -> str:
+    """A Markdown section listing ``jobs`` apart from the table, one ``item(row, spec)`` line each."""
+    if jobs.empty:
+        return ""
+    overrides = [c for c in runs.columns if c.startswith("override:")]
+    lines = ["", f"## {title}", "", f"**{len(jobs)} job(s) {lead}** ({note}):", ""]
+    lines += [f"- {item(r, _spec(r, overrides))}" for _, r in jobs.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
 def problems(runs: pd.DataFrame) -> str:
     """The failed and diverged jobs, listed apart with their overrides and error, as Markdown."""
     bad = runs[~runs["status"].isin([COMPLETED, *EXCLUDED])]
-    if bad.empty:
-        return ""
-    overrides = [c for c in runs.columns if c.startswith("override:")]
-    lines = [
-        "",
-        "## Jobs that did not complete",
-        "",
-        f"**{len(bad)} job(s) did not complete** (not in the table):",
-        "",
-    ]
-    for _, r in bad.iterrows():
-        lines.append(f"- `{r['status']}` {_spec(r, overrides)} ({r['run_dir']}): {r.get('error', '')}")
-    return "\n".join(lines) + "\n"
+    return _section(
+        runs,
+        bad,
+        "Jobs that did not complete",
+        "did not complete",
+        lambda r, spec: f"`{r['status']}` {spec} ({r['run_dir']}): {r.get('error', '')}",
+    )
 
 
 def incomplete(runs: pd.DataFrame) -> str:
     """The killed, interrupted and not started jobs, with their overrides and the reason, as Markdown."""
-    jobs = runs[runs["status"] == INCOMPLETE]
-    if jobs.empty:
-        return ""
-    overrides = [c for c in runs.columns if c.startswith("override:")]
-    lines = [
-        "",
-        "## Incomplete jobs",
-        "",
-        f"**{len(jobs)} job(s) are incomplete** (killed, interrupted or not started; not in the table):",
-        "",
-    ]
-    for _, r in jobs.iterrows():
-        spec = _spec(r, overrides) or "(overrides unknown)"
-        lines.append(f"- `{r['state']}` {spec} ({r['run_dir']}): {r['error']}")
-    return "\n".join(lines) + "\n"
+    return _section(
+        runs,
+        runs[runs["status"] == INCOMPLETE],
+        "Incomplete jobs",
+        "are incomplete",
+        lambda r, spec: f"`{r['state']}` {spec or '(overrides unknown)'} ({r['run_dir']}): {r['error']}",
+        note="killed, interrupted or not started; not in the table",
+    )
 
 
 def unreadable(runs: pd.DataFrame) -> str:
     """The job directories whose summary or overrides cannot be read, as Markdown."""
-    jobs = runs[runs["status"] == UNREADABLE]
-    if jobs.empty:
-        return ""
-    overrides = [c for c in runs.columns if c.startswith("override:")]
-    lines = ["", "## Unreadable jobs", "", f"**{len(jobs)} job(s) are unreadable** (not in the table):", ""]
-    for _, r in jobs.iterrows():
-        spec = _spec(r, overrides)
-        lines.append(f"- {spec + ' ' if spec else ''}({r['run_dir']}): {r['error']}")
-    return "\n".join(lines) + "\n"
+    return _section(
+        runs,
+        runs[runs["status"] == UNREADABLE],
+        "Unreadable jobs",
+        "are unreadable",
+        lambda r, spec: f"{spec + ' ' if spec else ''}({r['run_dir']}): {r['error']}",
+    )
 
 
 # -- plots ------------------------------------------------------------------------------------------
