@@ -75,9 +75,12 @@ NOISY = 1.5  # slowest / fastest repetition above which a row is flagged noisy
 
 # The conf/dataset defaults (conf/dataset/moons.yaml sets noise 0.2).
 DATASETS: dict[str, Callable[[], InMemoryDataset]] = {
-    "moons": functools.partial(toy.moons, n_samples=1000, noise=0.2, test_fraction=0.2, seed=SEED),
+    # no validation split: the hand loop evaluates the test split only, as the runner then does
+    "moons": functools.partial(
+        toy.moons, n_samples=1000, noise=0.2, test_fraction=0.2, val_fraction=0.0, seed=SEED
+    ),
     "blobs": functools.partial(
-        toy.blobs, n_samples=1000, centers=3, n_features=2, test_fraction=0.2, seed=SEED
+        toy.blobs, n_samples=1000, centers=3, n_features=2, test_fraction=0.2, val_fraction=0.0, seed=SEED
     ),
 }
 
