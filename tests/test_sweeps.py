@@ -164,3 +164,40 @@ def test_wandb_run_is_finished_even_after_a_logging_error(tmp_path):
     assert sink._run is None
     sink.finish({"status": "completed"})  # ...but the run is still finished
     assert wandb.run is None
+
+
+@pytest.mark.slow  # two pools of loky workers each import torch: about 12 s
+def test_a_killed_local_parallel_worker_takes_only_its_own_job_which_resumes(tmp_path):
+    """SIGKILL a worker of hydra/launcher=local_parallel mid-job: every job still completes, exactly once."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    import csv
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1,2", "hydra/launcher=local_parallel", f"hydra.sweep.dir={sweep}"]
+    run = ["logger=none", "device=cpu", "threads=1", "dataset.n_samples=1000", "schedule.batch_size=8"]
+    run += ["schedule.epochs=8", "checkpoint.every_epochs=1", "analysis=none"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "structlearn", *args, *run],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    metrics, deadline = sweep / "0" / "metrics.csv", time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "job 0 never reached epoch 2"
+        time.sleep(0.05)
+    worker = int((sweep / "0" / ".lock").read_text().split()[0])  # the run directory's lock names its writer
+    os.kill(worker, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert f"sweep {sweep}: 3 completed, 0 diverged, 0 failed, 0 killed, 0 not started" in out
+    for job in ("0", "1", "2"):
+        with open(sweep / job / "metrics.csv") as f:
+            assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, 9))

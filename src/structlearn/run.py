@@ -43,6 +43,7 @@ from structlearn.run_dir import RunDir
 from structlearn.runner import PRECISIONS, train
 from structlearn.utils import (
     ConfigError,
+    JobKilled,
     WriteError,
     atomic_write_json,
     build,
@@ -468,6 +469,9 @@ def main() -> None:
                 app()
             except (HydraException, OmegaConfBaseException) as exc:
                 raise ConfigError(hydra_error_line(exc)) from None
+            except (JobKilled, WriteError) as exc:  # failures of a run, not of its input: exit 1
+                print(f"structlearn: error: {exc}", file=sys.stderr)
+                sys.exit(1)
     finally:
         for sweep in SWEEPS:
             print(sweep_tally(sweep), flush=True)

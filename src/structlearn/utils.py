@@ -447,6 +447,10 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
+class JobKilled(RuntimeError):
+    """A sweep job's worker process died (twice): the job resumes when the sweep is started again."""
+
+
 class WriteError(RuntimeError):
     """A run's file could not be written (a full disk, a quota, a read-only file system); names the file."""
 
