@@ -127,7 +127,7 @@ class ConsoleSink:
         self._rows += 1
         if self._rows % self.log_every:
             return
-        keys = ("train_loss", "train_acc", "test_loss", "test_acc")
+        keys = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
         log.info(f"epoch {int(row['epoch'])}: " + " ".join(f"{k} {row[k]:.4f}" for k in keys if k in row))
 
     def event(self, event: Mapping[str, float], step: int) -> None:
