@@ -12,6 +12,7 @@ to one :class:`~structlearn.recording.Recorder`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -194,6 +195,19 @@ def _grads_finite(slots: Sequence[OptimizerSlot]) -> bool:
         p.grad for s in slots for g in s.optimizer.param_groups for p in g["params"] if p.grad is not None
     ]
     return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
+
+SAMPLE_SEED_OFFSET = 104729  # the stream of Plan.batches: apart from the data order and the methods' own
+
+
+def _sampler(data: InMemoryDataset, schedule: TrainSchedule, seed: int) -> Any:
+    """``Plan.batches``: n training batches from a generator of their own (the data order is untouched)."""
+
+    def batches(n: int) -> list[tuple[Tensor, Tensor]]:
+        generator = torch.Generator().manual_seed(seed + SAMPLE_SEED_OFFSET)
+        return list(itertools.islice(data.train_batches(schedule.batch_size, generator), n))
+
+    return batches
 
 
 @contextlib.contextmanager
@@ -507,7 +521,13 @@ def train(
         loop: _Loop | None = None
         try:
             data = data.to(device)
-            plan = Plan(schedule.epochs, data.steps_per_epoch(schedule.batch_size), seed, device)
+            plan = Plan(
+                schedule.epochs,
+                data.steps_per_epoch(schedule.batch_size),
+                seed,
+                device,
+                _sampler(data, schedule, seed),
+            )
             loop = _Loop.setup(
                 data, model, method, schedule, plan, precision, recorder, checkpointing, identity, resume
             )

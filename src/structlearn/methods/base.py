@@ -29,7 +29,7 @@ of data order (:meth:`Plan.generator`); include that generator's state in :meth:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,20 @@ class Plan:
         steps_per_epoch: optimiser steps in one epoch.
         seed: the run's seed; methods derive their own generators from it.
         device: the training device.
+        batches: ``batches(n)`` gives ``n`` shuffled training batches ``(x, y)`` on the device, for
+            methods that score connections on data before training (pruning at initialisation). Drawn
+            from their own generator (seeded by the run's seed), so calling it never changes the data
+            order or the run's other random streams. None where no data is at hand (rebuilding a
+            network from a checkpoint).
     """
 
     epochs: int
     steps_per_epoch: int
     seed: int
     device: torch.device
+    batches: Callable[[int], list[tuple[Tensor, Tensor]]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     @property
     def total_steps(self) -> int:
