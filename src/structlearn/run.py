@@ -40,7 +40,7 @@ from structlearn.resume import (
     with_saved_overrides,
 )
 from structlearn.run_dir import RunDir
-from structlearn.runner import PRECISIONS, _sampler, train
+from structlearn.runner import PRECISIONS, batch_sampler, train
 from structlearn.utils import (
     ConfigError,
     JobKilled,
@@ -228,7 +228,7 @@ def validate(cfg: DictConfig) -> None:
         _check_objective_data(cfg, objects["data"])
         data, method, schedule = objects["data"], objects["method"], objects["schedule"]
         steps = data.steps_per_epoch(schedule.batch_size)
-        plan = Plan(schedule.epochs, steps, cfg.seed, torch.device("cpu"), _sampler(data, schedule, cfg.seed))
+        plan = Plan(schedule.epochs, steps, cfg.seed, torch.device("cpu"), batch_sampler(data, schedule, cfg.seed))
         try:
             model = method.prepare(objects["model"], plan)
             method.configure_optimizers(model, schedule, plan)

@@ -200,7 +200,7 @@ def _grads_finite(slots: Sequence[OptimizerSlot]) -> bool:
 SAMPLE_SEED_OFFSET = 104729  # the stream of Plan.batches: apart from the data order and the methods' own
 
 
-def _sampler(data: InMemoryDataset, schedule: TrainSchedule, seed: int) -> Any:
+def batch_sampler(data: InMemoryDataset, schedule: TrainSchedule, seed: int) -> Any:
     """``Plan.batches``: n training batches from a generator of their own (the data order is untouched)."""
 
     def batches(n: int) -> list[tuple[Tensor, Tensor]]:
@@ -526,7 +526,7 @@ def train(
                 data.steps_per_epoch(schedule.batch_size),
                 seed,
                 device,
-                _sampler(data, schedule, seed),
+                batch_sampler(data, schedule, seed),
             )
             loop = _Loop.setup(
                 data, model, method, schedule, plan, precision, recorder, checkpointing, identity, resume
