@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
-from structlearn.run import execute, objective, sweep_tally
+from structlearn.run import _check_objective, execute, objective, sweep_tally
 from structlearn.run_dir import RunDir
 from structlearn.utils import ConfigError
 
@@ -83,7 +84,55 @@ def test_the_tally_counts_every_kind_of_job(tmp_path):
     job("5")  # started, killed before its summary
     job("6", run=False)  # Hydra made the directory, nothing ran
     (tmp_path / "multirun.yaml").write_text("")
-    assert sweep_tally(tmp_path) == (
+    line, counts = sweep_tally(tmp_path)
+    assert counts["killed"] == 2 and sum(counts.values()) == 7
+    assert line == (
         f"sweep {tmp_path}: 2 completed, 1 diverged, 1 failed, 2 killed, 1 not started; "
         f"report: structlearn-report {tmp_path}"
     )
+    # a sweep of 9 jobs: the two without a directory never started either
+    assert sweep_tally(tmp_path, jobs=9)[1] == {
+        "completed": 2,
+        "diverged": 1,
+        "failed": 1,
+        "killed": 2,
+        "not started": 3,
+    }
+
+
+@pytest.mark.parametrize(
+    ("metric", "failed", "direction", "message"),
+    [
+        ("final.val_accc", None, None, "optimized_metric='final.val_accc' is invalid: must be one of"),
+        ("final.val_loss", None, "maximize", "with hydra.sweeper.direction=maximize: a loss is minimised"),
+        ("best.val_acc", None, "minimize", "with hydra.sweeper.direction=minimize: an accuracy is maximised"),
+        (
+            "final.val_acc",
+            0.5,
+            "maximize",
+            "failed_value=0.5 is invalid with hydra.sweeper.direction=maximize",
+        ),
+        (
+            "final.val_loss",
+            0.0,
+            "minimize",
+            "failed_value=0.0 is invalid with hydra.sweeper.direction=minimize",
+        ),
+    ],
+)
+def test_an_objective_is_a_validation_metric_in_its_direction_and_failures_score_worst(
+    metric, failed, direction, message
+):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _check_objective(metric, failed, direction)
+    _check_objective("final.val_loss", 1e9, "minimize")  # a loss minimised, a failed trial scoring worst
+
+
+def test_a_search_with_a_bad_shared_config_launches_no_trial(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    args = ["hparams_search=optuna", *TINY, "hydra.sweeper.storage=null", f"hydra.sweep.dir={sweep}"]
+    proc = cli(*args, "optimized_metric=final.val_loss", cwd=tmp_path)  # maximised by the search's config
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "no trial was launched" in lines[0]
+    assert "a loss is minimised" in lines[0] and not list(sweep.glob("*/summary.json"))

@@ -94,7 +94,9 @@ def test_launcher_and_search_configs_compose():
     launcher = slurm.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.max_num_timeout == 3 and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
-    assert joblib.hydra.launcher._target_.endswith("LocalParallelLauncher") and joblib.hydra.launcher.n_jobs == 2
+    assert (
+        joblib.hydra.launcher._target_.endswith("LocalParallelLauncher") and joblib.hydra.launcher.n_jobs == 2
+    )
     assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert optuna.optimized_metric == "final.val_acc" and optuna.hydra.sweeper.storage.startswith("sqlite")
 

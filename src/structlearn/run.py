@@ -105,26 +105,25 @@ def _scalars(cfg: DictConfig) -> tuple[int, torch.device, str]:
         raise ConfigError(f"density={density!r} is invalid: must be in (0, 1] (the sparse methods' density)")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"threads={threads!r} is invalid: must be an integer >= 1 or null")
-    _check_objective(cfg.get("optimized_metric"), cfg.get("failed_value"))
+    _check_objective(cfg.get("optimized_metric"), cfg.get("failed_value"), _sweep_direction())
     device = resolve_device(cfg.device)
     if threads is not None:
         torch.set_num_threads(threads)
     return seed, device, precision
 
 
-def _check_objective(path: Any, failed_value: Any) -> None:
-    """A sweeper optimises a summary value read on validation data, never on test data."""
-    if path is None:
-        return
-    if not isinstance(path, str) or "." not in path:
-        raise ConfigError(
-            f"optimized_metric={path!r} is invalid: must be a summary key like final.val_acc or best.val_loss"
-        )
-    if "test" in path:
-        raise ConfigError(
-            f"optimized_metric={path!r} is invalid: a sweeper must select on validation data, never on test "
-            "data; use final.val_acc, final.val_loss, best.val_acc or best.val_loss"
-        )
+OBJECTIVE_PARTS = ("final", "best", "before_finalize")
+OBJECTIVE_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+
+
+def _check_objective(path: Any, failed_value: Any, direction: str | None = None) -> None:
+    """A sweeper optimises a summary value read on validation data, never on test data, in the right direction.
+
+    Args:
+        path: ``optimized_metric``, e.g. ``final.val_acc``.
+        failed_value: what a diverged or failed job returns instead; it must score worse than any real job.
+        direction: the sweeper's ``maximize`` or ``minimize``, where it has one.
+    """
     if failed_value is not None and (
         isinstance(failed_value, bool)
         or not isinstance(failed_value, int | float)
@@ -134,6 +133,39 @@ def _check_objective(path: Any, failed_value: Any) -> None:
             f"failed_value={failed_value!r} is invalid: must be a finite number (the objective of a diverged "
             "or failed job) or null"
         )
+    if path is None:
+        return
+    if isinstance(path, str) and "test" in path:
+        raise ConfigError(
+            f"optimized_metric={path!r} is invalid: a sweeper must select on validation data, never on test "
+            "data; use final.val_acc, final.val_loss, best.val_acc or best.val_loss"
+        )
+    part, _, metric = str(path).partition(".")
+    if part not in OBJECTIVE_PARTS or metric not in OBJECTIVE_METRICS:
+        keys = ", ".join(f"{p}.{m}" for p in OBJECTIVE_PARTS[:2] for m in OBJECTIVE_METRICS[:2])
+        raise ConfigError(f"optimized_metric={path!r} is invalid: must be one of {keys} (or a train_ metric)")
+    wrong = {"maximize": "_loss", "minimize": "_acc"}.get(str(direction))
+    if wrong and metric.endswith(wrong):
+        raise ConfigError(
+            f"optimized_metric={path!r} is invalid with hydra.sweeper.direction={direction}: "
+            f"{'a loss is minimised' if wrong == '_loss' else 'an accuracy is maximised'}"
+        )
+    if failed_value is not None and (
+        (direction == "maximize" and failed_value > 0) or (direction == "minimize" and failed_value < 1e6)
+    ):
+        worse = "<= 0 (no accuracy is lower)" if direction == "maximize" else ">= 1e6 (worse than any loss)"
+        raise ConfigError(
+            f"failed_value={failed_value!r} is invalid with hydra.sweeper.direction={direction}: a failed trial must "
+            f"score worse than every real one: {worse}"
+        )
+
+
+def _sweep_direction() -> str | None:
+    """The running sweeper's ``direction`` (Optuna's ``maximize`` / ``minimize``), if it has one."""
+    if not HydraConfig.initialized():
+        return None
+    direction = HydraConfig.get().sweeper.get("direction")
+    return str(direction) if isinstance(direction, str) else None
 
 
 def _names(cfg: DictConfig) -> dict[str, str]:
@@ -218,28 +250,50 @@ def _check_objective_data(cfg: DictConfig, data: Any) -> None:
 def validate(cfg: DictConfig) -> None:
     """Everything a job checks before training, without training: scalars, every object, the method on its model.
 
-    Datasets read from files (CIFAR-10) are not loaded here: their arguments are checked when the
-    job starts.
+    A dataset read from files (CIFAR-10) is not loaded here: its arguments and the presence of its
+    files are checked (their checksums when the job starts), and the model is built for the shape
+    the config gives (channels from ``grayscale``, side from ``resize``, 10 classes).
     """
     _scalars(cfg)
-    light = not str(cfg.dataset.get("_target_", "")).endswith("CIFAR10")
-    if light:
-        objects = _build(cfg)
-        _check_objective_data(cfg, objects["data"])
-        data, method, schedule = objects["data"], objects["method"], objects["schedule"]
-        steps = data.steps_per_epoch(schedule.batch_size)
-        plan = Plan(schedule.epochs, steps, cfg.seed, torch.device("cpu"), batch_sampler(data, schedule, cfg.seed))
-        try:
-            model = method.prepare(objects["model"], plan)
-            method.configure_optimizers(model, schedule, plan)
-        except ValueError as exc:
-            raise ConfigError(f"method: {exc}") from exc
-        return
-    for key in ("method", "schedule", "analysis", "checkpoint"):
+    node = cfg.dataset
+    if str(node.get("_target_", "")).endswith("CIFAR10"):
+        if not node.get("download"):
+            from structlearn.data.cifar import BASE_FOLDER, check_files
+
+            try:
+                check_files(Path(str(node.root)) / BASE_FOLDER, verify=False)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"dataset: {exc}") from None
+        side = node.get("resize") or 32
+        shape, classes = (1 if node.get("grayscale") else 3, side, side), 10
+        data, steps = None, 1
+    else:
+        data = build(node, "dataset")
+        _check_objective_data(cfg, data)
+        shape, classes = data.input_shape, data.num_classes
+    model = build(cfg.model, "model", input_shape=shape, num_classes=classes)
+    method, schedule = build(cfg.method, "method"), build(cfg.schedule, "schedule")
+    for key in ("analysis", "checkpoint"):
         if cfg.get(key):
             build(cfg[key], key)
-    for name, node in (cfg.get("logger") or {}).items():
-        build(node, f"logger.{name}")
+    for name, sink in (cfg.get("logger") or {}).items():
+        build(sink, f"logger.{name}")
+    if data is not None:
+        steps = data.steps_per_epoch(schedule.batch_size)
+    sampler = batch_sampler(data, schedule, cfg.seed) if data is not None else None
+    plan = Plan(schedule.epochs, steps, cfg.seed, torch.device("cpu"), sampler)
+    try:
+        model = method.prepare(model, plan)
+        method.configure_optimizers(model, schedule, plan)
+    except ValueError as exc:
+        raise ConfigError(f"method: {exc}") from exc
+
+
+def grid_jobs(config: DictConfig) -> list[list[str]]:
+    """The overrides of every job of a grid sweep, in the basic sweeper's order (job numbers)."""
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 def preflight(config: DictConfig) -> None:
@@ -249,9 +303,7 @@ def preflight(config: DictConfig) -> None:
         ConfigError: ``K of N jobs are invalid; nothing was launched``, then one line per bad job
             naming its overrides and what is wrong.
     """
-    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
-    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    jobs = grid_jobs(config)
     bad = []
     for num, job in enumerate(jobs):
         try:
@@ -266,6 +318,24 @@ def preflight(config: DictConfig) -> None:
             f"{len(bad)} of {len(jobs)} jobs are invalid; nothing was launched (check skipped with "
             f"hydra.callbacks.output_dir_check.preflight=false):\n  {listing}"
         )
+
+
+def preflight_base(config: DictConfig) -> None:
+    """A search's shared config (its overrides without the sampled parameters) and objective, before any trial."""
+    try:
+        cfg = compose(config_name=config.hydra.job.config_name, overrides=list(config.hydra.overrides.task))
+        validate(cfg)
+        _check_objective(
+            cfg.get("optimized_metric"), cfg.get("failed_value"), config.hydra.sweeper.get("direction")
+        )
+    except ConfigError as exc:
+        raise ConfigError(
+            f"the search's config is invalid; no trial was launched: {' '.join(str(exc).split())}"
+        ) from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(
+            f"the search's config is invalid; no trial was launched: {hydra_error_line(exc)}"
+        ) from None
 
 
 def _overrides() -> list[str]:
@@ -317,7 +387,8 @@ def app(cfg: DictConfig) -> float | None:
         # one line in the job's log and its failed summary; the sweep goes on, its tally counts it
         log.error("job %s failed: %s", HydraConfig.get().job.num, exc)
         FAILED_JOBS.append(str(exc))
-        return float(failed_value) if metric and failed_value is not None else None
+        valid = isinstance(failed_value, int | float) and not isinstance(failed_value, bool)
+        return float(failed_value) if metric and valid else None
     except WriteError as exc:  # a full disk or a read-only file system: one line, the summary says which file
         if not multirun:
             print(f"structlearn: error: {exc}", file=sys.stderr)
@@ -385,9 +456,13 @@ class OutputDirCheck(Callback):
             check_output_dir(sweep.path)
             sweep.acquire()
             self._sweep = sweep
-            if self.preflight and str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            grid = str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper")
+            SWEEP_JOBS[sweep.path] = len(grid_jobs(config)) if grid else config.hydra.sweeper.get("n_trials")
+            if self.preflight and grid:
                 log.info("pre-flight: composing and validating every job of the sweep")
                 preflight(config)
+            elif self.preflight:  # a search samples its jobs: check what they share before the first
+                preflight_base(config)
         SWEEPS.append(sweep.path)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -425,14 +500,18 @@ def _one_line_errors() -> Iterator[None]:
 
 
 SWEEPS: list[Path] = []  # the sweep directories this process started (one tally line each at the end)
+SWEEP_JOBS: dict[
+    Path, int | None
+] = {}  # how many jobs each sweep launches (a grid's cells, a search's trials)
 OUTCOMES = ("completed", "diverged", "failed", "killed", "not started")
 
 
-def sweep_tally(sweep_dir: Path) -> str:
-    """One line: how the jobs of a sweep went, and the command that reports on them.
+def sweep_tally(sweep_dir: Path, jobs: int | None = None) -> tuple[str, dict[str, int]]:
+    """One line: how the jobs of a sweep went, and the command that reports on them; and the counts.
 
     A job is ``killed`` when it started (its directory is a run) but has no summary, or was
-    interrupted by a signal; ``not started`` when Hydra made its directory and nothing ran.
+    interrupted by a signal; ``not started`` when Hydra made its directory and nothing ran, or (given
+    how many ``jobs`` the sweep has) when it has no directory at all.
     """
     counts = dict.fromkeys(OUTCOMES, 0)
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
@@ -447,8 +526,10 @@ def sweep_tally(sweep_dir: Path) -> str:
             counts[summary["status"]] += 1
         else:
             counts["killed" if run_dir.is_run() else "not started"] += 1
+    if jobs is not None:
+        counts["not started"] += max(0, jobs - sum(counts.values()))
     tally = ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
-    return f"sweep {sweep_dir}: {tally}; report: structlearn-report {sweep_dir}"
+    return f"sweep {sweep_dir}: {tally}; report: structlearn-report {sweep_dir}", counts
 
 
 FAILED_JOBS: list[str] = []  # the config errors of this process's multirun jobs (each a one-line message)
@@ -462,6 +543,7 @@ def main() -> None:
     other bad input. A multirun in which a job failed on a config error exits 2 after its tally.
     """
     with _one_line_errors():
+        check_group_overrides(sys.argv[1:])
         sys.argv[1:] = with_saved_overrides(sys.argv[1:])
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises; structlearn says it in one line
     try:
@@ -474,11 +556,38 @@ def main() -> None:
                 print(f"structlearn: error: {exc}", file=sys.stderr)
                 sys.exit(1)
     finally:
+        unfinished = 0
         for sweep in SWEEPS:
-            print(sweep_tally(sweep), flush=True)
+            line, counts = sweep_tally(sweep, SWEEP_JOBS.get(sweep))
+            print(line, flush=True)
+            unfinished += counts["failed"] + counts["killed"]
     if FAILED_JOBS:
         print(f"structlearn: error: {len(FAILED_JOBS)} job(s) failed, e.g. {FAILED_JOBS[0]}", file=sys.stderr)
         sys.exit(2)
+    if unfinished:  # jobs that failed or were killed in their own processes (other launchers)
+        print(
+            f"structlearn: error: {unfinished} job(s) failed or were killed; see the tally above",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+REQUIRED_GROUPS = ("dataset", "model", "method", "schedule")
+SWITCHABLE_GROUPS = ("analysis", "checkpoint", "logger")
+
+
+def check_group_overrides(argv: list[str]) -> None:
+    """``group=null`` (which Hydra answers with a traceback): a run needs its groups; optional ones are ``=none``."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if value.strip().lower() not in ("null", "~"):
+            continue
+        if key in REQUIRED_GROUPS:
+            options = sorted(p.stem for p in (Path(CONF_DIR) / key).glob("*.yaml"))
+            raise ConfigError(f"{key}=null is invalid: a run needs a {key}; one of {', '.join(options)}")
+        if key in SWITCHABLE_GROUPS:
+            raise ConfigError(f"{key}=null is invalid: switch it off with {key}=none")
 
 
 def hydra_error_line(exc: BaseException) -> str:

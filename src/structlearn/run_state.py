@@ -117,6 +117,7 @@ class RunState:
         before_finalize: ``final`` before the method's finalisation changed the network, if it did.
         finalized: whether the method's ``finalize`` already ran on the network.
         started: the ``time.perf_counter()`` origin of the run's wall time (earlier attempts included).
+        flops: the FLOP meter's state (:class:`structlearn.flops.FlopMeter`) at the last evaluation point.
     """
 
     position: Position
@@ -128,6 +129,7 @@ class RunState:
     before_finalize: dict[str, float] | None = None
     finalized: bool = False
     started: float = field(default_factory=time.perf_counter)
+    flops: dict[str, Any] | None = None
 
     @classmethod
     def fresh(cls, seed: int, device: torch.device) -> RunState:
@@ -143,14 +145,15 @@ class RunState:
         self.sums = EpochSums.zeros(device)
         self.epoch_generator = self.generator.get_state()
 
-    def evaluated(self, row: Mapping[str, float]) -> None:
+    def evaluated(self, row: Mapping[str, float], selectable: bool = True) -> None:
         """An evaluation point: its metrics are ``final``; ``best`` if its ``val_acc`` is the highest.
 
-        ``best`` is chosen on validation data only: without a validation split there is no ``best``
-        (never one chosen on test data).
+        ``best`` is chosen on validation data only, among the points whose network is the one the
+        method is meant to produce (``selectable``): without a validation split, or without such a
+        point, there is no ``best`` (never one chosen on test data).
         """
         self.final = {k: row[k] for k in (*METRIC_KEYS, *VAL_KEYS) if k in row}
-        if "val_acc" in row and (not self.best or row["val_acc"] > self.best["val_acc"]):
+        if selectable and "val_acc" in row and (not self.best or row["val_acc"] > self.best["val_acc"]):
             self.best = {"epoch": row["epoch"], **self.final}
 
     def results(self) -> dict[str, Any]:
@@ -288,7 +291,7 @@ class Checkpoint:
             epoch_generator=state.epoch_generator,
             sums=state.sums.to_dict() if state.position.batch else None,
             record=dict(record),
-            results=state.results(),
+            results={**state.results(), "flops_meter": state.flops},
             elapsed_s=state.elapsed,
         )
 
@@ -334,6 +337,7 @@ class Checkpoint:
             before_finalize=results.get("before_finalize"),
             finalized=self.finalized,
             started=time.perf_counter() - self.elapsed_s,
+            flops=results.get("flops_meter"),
         )
 
     @property

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from structlearn import checkpoint as ckpt
 from structlearn.data.base import InMemoryDataset
+from structlearn.flops import FlopMeter
 from structlearn.methods.base import Method, OptimizerSlot, Plan, clip_gradients
 from structlearn.preemption import PreemptionGuard
 from structlearn.recording import Recorder, RunInfo, Sink
@@ -234,6 +235,8 @@ class _Loop:
     recorder: Recorder
     checkpointing: Checkpointing | None
     identity: Mapping[str, Any]
+    flops: FlopMeter
+    flops_error: str | None = None
 
     @classmethod
     def setup(
@@ -261,7 +264,10 @@ class _Loop:
         else:  # the layout the run had (a method may leave parameters out on purpose, e.g. new paths)
             restore_optimizers(model, slots, resume.optimizers)
         _check_space(recorder.record.run_dir.path, model, checkpointing is not None)
-        return cls(data, model, method, schedule, slots, plan, precision, recorder, checkpointing, identity)
+        flops = FlopMeter(data.input_shape)
+        return cls(
+            data, model, method, schedule, slots, plan, precision, recorder, checkpointing, identity, flops
+        )
 
     @property
     def device(self) -> torch.device:
@@ -273,8 +279,12 @@ class _Loop:
             self.recorder.restore(
                 [], 0
             )  # a directory reused from scratch keeps nothing of an earlier attempt
-            return RunState.fresh(self.plan.seed, self.device)
+            state = RunState.fresh(self.plan.seed, self.device)
+            self.observe_flops(0, 0)  # the structure training starts from
+            return state
         state = resume.restore_state(self.device)
+        if state.flops:
+            self.flops.load_state_dict(state.flops)
         self.recorder.restore(resume.record["rows"], resume.record["events"], resume.record["analysis"])
         ckpt.set_rng_state(resume.rng)
         pos = state.position
@@ -338,7 +348,10 @@ class _Loop:
             **self.method.structure_metrics(self.model),  # right after an evaluation pass: the contract
         }
         self.recorder.row(row, pos.step, lambda: self.method.graph(self.model))
-        state.evaluated(row)
+        state.evaluated(row, self.method.selectable(self.model, pos.step))
+        # after structure_metrics, which must follow the evaluation passes directly
+        if self.observe_flops(pos.step, pos.epoch * len(self.data.x_train)):
+            state.flops = self.flops.state_dict()
 
     def evaluate_held_out(self, where: str) -> dict[str, float]:
         """``val_loss``/``val_acc`` (with a validation split) and ``test_loss``/``test_acc``, in that order."""
@@ -351,6 +364,7 @@ class _Loop:
 
     def evaluate(self, split: str, where: str) -> dict[str, float]:
         batch_size = self.schedule.batch_size * 4
+        self.method.before_evaluation(self.model, split)
         try:
             return evaluate(
                 self.model, self.data.eval_batches(batch_size, split=split), self.device, self.precision
@@ -399,6 +413,7 @@ class _Loop:
             self.evaluate_held_out("the final evaluation")
         out: dict[str, Any] = {
             "params": self.method.count_parameters(self.model).as_dict(),
+            "flops": self.flops_summary(),  # inference: the final network
             "structure": self.method.structure_metrics(self.model),
             "artifacts": [
                 str(p) for p in self.method.write_artifacts(self.model, self.recorder.record.run_dir.path)
@@ -414,6 +429,26 @@ class _Loop:
             out["structure_analysis"] = headline
             out["artifacts"] += [str(p) for p in paths]
         return out
+
+    def observe_flops(self, step: int, examples: int) -> bool:
+        """Count the network's FLOPs at this point; a counting failure is reported, never fatal."""
+        if self.flops_error is not None:
+            return False
+        try:
+            self.flops.observe(self.model, self.method, step, examples)
+        except Exception as exc:  # reporting: the run goes on without FLOP counts
+            self.flops_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("FLOP counting failed (%s); the run goes on without it", self.flops_error)
+            return False
+        return True
+
+    def flops_summary(self) -> dict[str, Any]:
+        if self.flops_error is None:
+            try:
+                return self.flops.summary(self.model, self.method)
+            except Exception as exc:
+                self.flops_error = f"{type(exc).__name__}: {exc}"
+        return {"error": self.flops_error}
 
     def _out_of_memory(self, exc: BaseException, batch_size: int, where: str) -> OutOfMemory:
         names = self.identity.get("names") or {}

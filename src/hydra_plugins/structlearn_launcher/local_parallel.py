@@ -4,8 +4,10 @@ Hydra's joblib launcher runs a sweep's jobs in a loky process pool. When a worke
 kernel's out-of-memory killer), loky breaks the whole pool: ``TerminatedWorkerError`` ends the sweep
 and the jobs not yet started never run. This launcher runs the same jobs the same way, and when the
 pool breaks it starts the unfinished jobs again in a fresh pool: a job that had started resumes from
-its checkpoint (its directory is a run), one that had not starts. A job whose worker dies twice is
-reported as killed (the sweep's tally counts it) and resumes when the sweep is started again.
+its checkpoint (its directory is a run), one that had not starts. The jobs that were running when a
+worker died are suspects: each runs again alone, in a pool of its own, so a job that kills its worker
+every time (the out-of-memory killer) takes no other job with it; a job caught in two breaks is reported
+as killed (the sweep's tally counts it) and resumes when the sweep is started again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from structlearn.run_dir import RunDir
 from structlearn.utils import JobKilled
 
 log = logging.getLogger("structlearn")
@@ -64,11 +67,13 @@ class LocalParallelLauncher(Launcher):
         for idx, overrides in enumerate(job_overrides):
             log.info("\t#%d : %s", initial_job_idx + idx, " ".join(filter_overrides(overrides)))
         state = Singleton.get_state()
+        sweep = Path(str(self.config.hydra.sweep.dir))
         results: dict[int, JobReturn] = {}
-        tries: Counter[int] = Counter()
+        deaths: Counter[int] = Counter()  # pool breaks a started job was caught in
+        suspects: list[int] = []  # started jobs caught in a break: each runs alone next, in a pool of its own
         pending = list(range(len(job_overrides)))
         while pending:
-            tries.update(pending)
+            batch = [i for i in pending if i not in suspects] or suspects[:1]
             jobs = (
                 delayed(_indexed_job)(
                     i,
@@ -79,20 +84,26 @@ class LocalParallelLauncher(Launcher):
                     self.task_function,
                     state,
                 )
-                for i in pending
+                for i in batch
             )
             try:
                 for i, ret in Parallel(**joblib_cfg, return_as="generator_unordered")(jobs):
                     results[i] = ret
             except TerminatedWorkerError as exc:
-                unfinished = [initial_job_idx + i for i in pending if i not in results]
+                # only jobs that had started (their directory is a run) were caught: the rest start as before
+                caught = [
+                    i for i in batch if i not in results and RunDir(sweep / str(initial_job_idx + i)).is_run()
+                ]
+                deaths.update(caught)
+                suspects += [i for i in caught if i not in suspects]
                 log.warning(
-                    "a worker process died (%s); jobs %s start again in a new pool (each at most %d times)",
+                    "a worker process died (%s); jobs %s were running and start again, each alone (at most %d times)",
                     str(exc).split(".")[0],
-                    unfinished,
+                    [initial_job_idx + i for i in caught],
                     TRIES,
                 )
-            pending = [i for i in pending if i not in results and tries[i] < TRIES]
+            pending = [i for i in pending if i not in results and deaths[i] < TRIES]
+            suspects = [i for i in suspects if i in pending]
         return [
             results.get(i) or self._killed(initial_job_idx + i, job_overrides[i])
             for i in range(len(job_overrides))

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,9 @@ from torch import Tensor, nn
 from structlearn.analysis.graph import SignedGraph, model_graph
 from structlearn.schedules import TrainSchedule
 from structlearn.utils import check, clip_grad_norm
+
+if TYPE_CHECKING:
+    from structlearn.flops import FlopCount
 
 METHOD_SEED_OFFSET = 7919  # a prime: a method's stream apart from the run's (model init, data order)
 
@@ -249,6 +252,22 @@ class Method:
         """
         return {}
 
+    def selectable(self, model: nn.Module, step: int) -> bool:
+        """Whether the network after ``step`` steps is the one the method is meant to produce.
+
+        ``best`` is chosen only among such evaluation points: a network GMP has not yet pruned to
+        its density, or MorphoNet's soft-masked network before its hard prune, is not a candidate
+        (its accuracy would stand beside the final network's parameter count).
+        """
+        return True
+
+    def before_evaluation(self, model: nn.Module, split: str) -> None:
+        """The runner is about to evaluate ``model`` on ``split`` (``train``, ``val`` or ``test``).
+
+        A method whose forward hooks collect activity (the URN's read-out) uses this to record only
+        the split it may learn from: the validation split, never the test split when there is one.
+        """
+
     def structure_metrics(self, model: nn.Module) -> dict[str, float]:
         """Structure at an evaluation point (density per layer, temperature...), for ``metrics.csv``.
 
@@ -270,6 +289,24 @@ class Method:
     def count_parameters(self, model: nn.Module) -> ParamCount:
         """Total and effective parameters of the network used for evaluation (see :data:`COUNT_RULE`)."""
         return count_parameters(model.named_parameters())
+
+    def flops(self, model: nn.Module, input_shape: Sequence[int], training: bool) -> FlopCount | None:
+        """The weight layers of one forward pass of one example, for FLOP accounting (:mod:`structlearn.flops`).
+
+        Args:
+            model: the network.
+            input_shape: the shape of one example.
+            training: count the forward of a training step (True), or of the network used for
+                evaluation (False).
+
+        Returns:
+            None (the default): count every Linear/Conv layer the forward passes through, by forward
+            hooks, at its non-zero weights (:func:`structlearn.flops.count_layers`). A method whose
+            compute differs says so here: which entries compute (masks), layers the hooks cannot see,
+            and, for training, the steps on which a layer computes its dense weight gradient
+            (:meth:`structlearn.flops.FlopCount.with_dense_gradient`). Must not change the model.
+        """
+        return None
 
     def graph(self, model: nn.Module) -> SignedGraph | None:
         """The graph of the active connections of the network used for evaluation.

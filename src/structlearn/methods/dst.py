@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from structlearn import schedules
+from structlearn.flops import FlopCount
 from structlearn.methods.base import OptimizerSlot, Plan
 from structlearn.methods.masked import MaskedMethod
 from structlearn.sparse.masks import drop_and_grow
@@ -94,7 +95,7 @@ class DynamicSparse(MaskedMethod):
         regrow_dropped: let connections dropped in an update compete for regrowth in the same
             update; one that is regrown keeps its value and optimiser state (the official RigL
             code's default), so fewer than ``k`` connections may really change.
-        dense_layers, first_layer_dense, last_layer_dense: see :class:`MaskedMethod`.
+        dense_layers, first_layer_dense, last_layer_dense, erk_power_scale: see :class:`MaskedMethod`.
     """
 
     DEFAULTS: ClassVar[Mapping[str, Any]] = MappingProxyType(
@@ -127,6 +128,7 @@ class DynamicSparse(MaskedMethod):
         dense_layers: Sequence[str] = (),
         first_layer_dense: bool = False,
         last_layer_dense: bool = False,
+        erk_power_scale: float = 1.0,
     ) -> None:
         def chosen(name: str, value: Any) -> Any:
             return self.DEFAULTS[name] if value is None else value
@@ -140,7 +142,9 @@ class DynamicSparse(MaskedMethod):
         grow_init = chosen("grow_init", grow_init)
         reset_optimizer_state = chosen("reset_optimizer_state", reset_optimizer_state)
         regrow_dropped = chosen("regrow_dropped", regrow_dropped)
-        super().__init__(density, distribution, dense_layers, first_layer_dense, last_layer_dense)
+        super().__init__(
+            density, distribution, dense_layers, first_layer_dense, last_layer_dense, erk_power_scale
+        )
         check(
             update_every == "epoch"
             or (isinstance(update_every, int) and not isinstance(update_every, bool) and update_every >= 1),
@@ -390,6 +394,14 @@ class RigL(DynamicSparse):
         if name not in self._grad_scores:
             raise RuntimeError(f"RigL: no gradient of {name} observed; after_backward must run first")
         return self._grad_scores[name]
+
+    def flops(self, model: nn.Module, input_shape: Sequence[int], training: bool) -> FlopCount:
+        """As every masked method, and in training the sparse layers' dense weight gradient on
+        update steps (RigL's ``2 f_S + f_D`` for such a step, ``3 f_S`` otherwise)."""
+        count = super().flops(model, input_shape, training)
+        if not training:
+            return count
+        return count.with_dense_gradient([n.removesuffix(".weight") for n in self.masks], self.is_update_step)
 
     def after_step(self, model: nn.Module, step: int, optimizers: list[OptimizerSlot]) -> dict[str, float]:
         metrics = super().after_step(model, step, optimizers)

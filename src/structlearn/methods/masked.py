@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from structlearn.analysis.graph import SignedGraph, model_graph
+from structlearn.flops import FlopCount, count_layers
 from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, count_parameters
 from structlearn.schedules import cubic_density
 from structlearn.sparse.masks import (
@@ -49,6 +50,8 @@ class MaskedMethod(Method):
         dense_layers: ``fnmatch`` patterns of module names that stay dense.
         first_layer_dense: keep the first Linear/Conv2d layer dense.
         last_layer_dense: keep the last Linear/Conv2d layer (the output head) dense.
+        erk_power_scale: exponent of ERK's per-layer ratio (rigl's ``erk_power_scale``), >= 0;
+            1.0 is ERK, 0.0 uniform; read by ``distribution="erk"`` only.
     """
 
     def __init__(
@@ -58,17 +61,20 @@ class MaskedMethod(Method):
         dense_layers: Sequence[str] = (),
         first_layer_dense: bool = False,
         last_layer_dense: bool = False,
+        erk_power_scale: float = 1.0,
     ) -> None:
         check_number(density, "density", 0.0, 1.0, low_open=True)
         check_choice(distribution, "distribution", DISTRIBUTIONS)
         check_patterns(dense_layers, "dense_layers")
         check_bool(first_layer_dense, "first_layer_dense")
         check_bool(last_layer_dense, "last_layer_dense")
+        check_number(erk_power_scale, "erk_power_scale", 0.0)
         self.density = float(density)
         self.distribution = distribution
         self.dense_layers = list(dense_layers)
         self.first_layer_dense = first_layer_dense
         self.last_layer_dense = last_layer_dense
+        self.erk_power_scale = float(erk_power_scale)
         self.masks: dict[str, Tensor] = {}
         self._weights: dict[str, nn.Parameter] = {}
         self._generator = torch.Generator()
@@ -99,6 +105,16 @@ class MaskedMethod(Method):
 
     def count_parameters(self, model: nn.Module) -> ParamCount:
         return count_parameters(model.named_parameters(), masks=self.masks)
+
+    @torch.no_grad()
+    def flops(self, model: nn.Module, input_shape: Sequence[int], training: bool) -> FlopCount:
+        """Masked layers compute their mask's entries in training (a connection grown at zero
+        included), and their unmasked non-zero ones at inference; other layers their non-zero weights."""
+        active = {
+            name.removesuffix(".weight"): mask if training else mask & (self._weights[name] != 0)
+            for name, mask in self.masks.items()
+        }
+        return count_layers(model, input_shape, active)
 
     def graph(self, model: nn.Module) -> SignedGraph | None:
         """The layered graph through the masks: an edge where a weight is masked in and non-zero.
@@ -139,7 +155,7 @@ class MaskedMethod(Method):
     def target_counts(self, density: float) -> dict[str, int]:
         """Active weights per sparse layer at a global ``density``, spread by the distribution."""
         shapes = {name: tuple(w.shape) for name, w in self._weights.items()}
-        densities = layer_densities(shapes, density, self.distribution)
+        densities = layer_densities(shapes, density, self.distribution, self.erk_power_scale)
         return allocate_counts({name: w.numel() for name, w in self._weights.items()}, densities)
 
     @torch.no_grad()
@@ -166,7 +182,8 @@ class GMP(MaskedMethod):
         begin: fraction of training at which pruning starts, in [0, 1).
         end: fraction of training by which the final density is reached, in (begin, 1].
         update_every: steps between pruning updates, >= 1.
-        distribution, dense_layers, first_layer_dense, last_layer_dense: see :class:`MaskedMethod`.
+        distribution, dense_layers, first_layer_dense, last_layer_dense, erk_power_scale: see
+            :class:`MaskedMethod`.
     """
 
     def __init__(
@@ -179,8 +196,11 @@ class GMP(MaskedMethod):
         dense_layers: Sequence[str] = (),
         first_layer_dense: bool = False,
         last_layer_dense: bool = False,
+        erk_power_scale: float = 1.0,
     ) -> None:
-        super().__init__(density, distribution, dense_layers, first_layer_dense, last_layer_dense)
+        super().__init__(
+            density, distribution, dense_layers, first_layer_dense, last_layer_dense, erk_power_scale
+        )
         check_number(begin, "begin", 0.0, 1.0, high_open=True)
         check(is_number(end) and begin < end <= 1.0, "end", end, f"must be in (begin={begin}, 1]")
         check_int(update_every, "update_every", 1)
@@ -193,6 +213,10 @@ class GMP(MaskedMethod):
         self._begin_step = min(round(self.begin * last), last - 1)  # at least one pruning step remains
         self._end_step = min(max(self._begin_step + 1, round(self.end * last)), last)
         return super().prepare(model, plan)
+
+    def selectable(self, model: nn.Module, step: int) -> bool:
+        """Only once the final density is reached (after ``end``): before, the network is denser."""
+        return step >= self._end_step
 
     def initial_masks(self, weights: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
         self._counts = {name: w.numel() for name, w in weights.items()}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from structlearn.analysis.graph import SignedGraph, model_graph
+from structlearn.flops import FlopCount, count_layers
 from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, count_parameters, default_slot
 from structlearn.schedules import TrainSchedule, check_optimizer, cosine
 from structlearn.sparse.masks import prunable_weights
@@ -321,6 +322,10 @@ class MorphoNet(Method):
                 total = total + mean
         return {"sparsity": self.penalty_weight * total}
 
+    def selectable(self, model: nn.Module, step: int) -> bool:
+        """Never during training: the network the method produces is the hard-pruned one at the end."""
+        return False
+
     @torch.no_grad()
     def structure_metrics(self, model: nn.Module) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -348,6 +353,21 @@ class MorphoNet(Method):
     def count_parameters(self, model: nn.Module) -> ParamCount:
         masks = {f"{name}.weight": layer.hard_mask() for name, layer in self.layers.items()}
         return count_parameters(model.named_parameters(), masks=masks, skip=lambda n: n.endswith(".logits"))
+
+    @torch.no_grad()
+    def flops(self, model: nn.Module, input_shape: Sequence[int], training: bool) -> FlopCount:
+        """Training: W ⊙ σ(L/T) is a dense multiply, so every entry of a morpho layer computes (the
+        hard mask with ``hard_forward``); inference: the hard mask L > 0 on non-zero weights, the
+        network :meth:`finalize` leaves. The dense head counts its non-zero weights."""
+        active: dict[str, Tensor | int] = {}
+        for name, layer in self.layers.items():
+            if not training:
+                active[name] = layer.hard_mask() & (layer.weight != 0)
+            elif layer.hard or layer.hard_forward:
+                active[name] = layer.hard_mask()
+            else:
+                active[name] = layer.weight.numel()
+        return count_layers(model, input_shape, active)
 
     def graph(self, model: nn.Module) -> SignedGraph | None:
         """The layered graph through the hard masks L > 0, weighted by W (the pruned network).

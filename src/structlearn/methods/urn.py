@@ -18,14 +18,15 @@ The model is :class:`structlearn.models.urn.URN`; this method adds to the cross-
 
 **Where the read-out's data come from.** The runner evaluates the model on the held-out data
 (the validation split, if the dataset has one, then the test split) at every evaluation point,
-and only the model sees those inputs. ``prepare`` registers a forward hook
-on the model: in eval mode it ORs each batch's pattern of non-zero neurons per iteration into an
-(I+1, S) buffer, sums |N| for the activity picture, and keeps the first ``probe_size`` inputs; the
-first eval-mode forward after a training step starts a new pass. In training mode the hook only
-sets a flag (no host synchronisation in the step). So "active" means non-zero on at least one
-example of the evaluation data (the whole validation and test splits), and
-:meth:`structure_metrics`, called right after each evaluation, reads the structure of exactly that
-pass.
+and only the model sees those inputs. ``prepare`` registers a forward hook on the model: in eval
+mode it ORs each batch's pattern of non-zero neurons per iteration into an (I+1, S) buffer, sums
+|N| for the activity picture, and keeps the first ``probe_size`` inputs. It records one split per
+evaluation point, the first held-out split the runner announces (:meth:`before_evaluation`): the
+validation split when there is one, so the final prune, which keeps only active neurons, never
+learns from test data; the test split otherwise (the paper's protocol, which has no validation
+split). In training mode the hook only sets a flag (no host synchronisation in the step). So
+"active" means non-zero on at least one example of that split, and :meth:`structure_metrics`,
+called right after each evaluation, reads the structure of exactly that pass.
 
 **The zero-the-rest check.** Every read-out recomputes the logits of the probe inputs with every
 weight outside the emergent network set to zero (``prune/max_logit_diff``, ``prune/agreement``).
@@ -104,6 +105,9 @@ class URN(Method):
         self._seen = 0
         self._probe: list[Tensor] = []
         self._stale = True  # a training forward happened since the last evaluation pass
+        self._recording: bool | None = (
+            None  # None: no runner says which split is evaluated (record every pass)
+        )
         self._frozen: dict[str, float] | None = None
         self._final: ro.Readout | None = None
 
@@ -251,18 +255,36 @@ class URN(Method):
 
     # -- read-out ------------------------------------------------------------------------------------
 
+    def selectable(self, model: nn.Module, step: int) -> bool:
+        """With ``prune``, never during training: the method produces the pruned emergent network."""
+        return not self.prune
+
+    def before_evaluation(self, model: nn.Module, split: str) -> None:
+        """Record the first held-out split evaluated after training: validation if there is one, else test.
+
+        The read-out decides which neurons the final prune keeps, so it must not see test data when a
+        validation split exists; later splits of the same evaluation point (test after validation)
+        and the training split are not recorded.
+        """
+        self._recording = split != "train" and self._stale
+        if self._recording:
+            self._new_pass()
+
+    def _new_pass(self) -> None:
+        self._pattern.zero_()
+        self._abs_sum.zero_()
+        self._seen, self._probe, self._stale = 0, [], False
+
     @torch.no_grad()
     def _observe(self, model: URNModel, args: tuple[Any, ...], output: Any) -> None:
         """Forward hook: accumulate the activity of evaluation passes (see the module docstring)."""
         if model.training:
             self._stale = True
             return
-        if self._frozen is not None or not isinstance(output, Mapping):
+        if self._frozen is not None or not isinstance(output, Mapping) or self._recording is False:
             return
-        if self._stale:  # first evaluation batch after training: a new pass
-            self._pattern.zero_()
-            self._abs_sum.zero_()
-            self._seen, self._probe, self._stale = 0, [], False
+        if self._recording is None and self._stale:  # no runner: every pass after training is recorded
+            self._new_pass()
         x = args[0]
         n0 = F.pad(x.flatten(1), (0, model.size - model.d_in))  # (B, S)
         pattern, abs_sum = ro.batch_activity(n0, output["activations"])

@@ -13,7 +13,7 @@ from fnmatch import fnmatch
 import torch
 from torch import Tensor, nn
 
-from structlearn.utils import check
+from structlearn.utils import check, is_number
 
 DISTRIBUTIONS = ("uniform", "erdos_renyi", "erk")
 
@@ -41,30 +41,47 @@ def prunable_weights(
     return {f"{name}.weight" if name else "weight": m.weight for name, m in layers if name not in keep}
 
 
-def _raw_score(shape: Sequence[int], distribution: str) -> float:
-    """Relative density of a layer before scaling: ER uses fan-in + fan-out, ERK adds kernel dims."""
+def _raw_score(shape: Sequence[int], distribution: str, erk_power_scale: float = 1.0) -> float:
+    """Relative density of a layer before scaling: ER uses fan-in + fan-out, ERK adds kernel dims.
+
+    ERK's ratio is raised to ``erk_power_scale`` (rigl's and jaxpruner's ``erk_power_scale``); the
+    power 1.0 is not applied at all, so the default gives exactly the plain ratio.
+    """
     if distribution == "uniform":
         return 1.0
     n_out, n_in = shape[:2]
     if distribution == "erdos_renyi":
         return (n_in + n_out) / (n_in * n_out)
-    return sum(shape) / math.prod(shape)
+    ratio = sum(shape) / math.prod(shape)
+    return ratio if erk_power_scale == 1.0 else ratio**erk_power_scale
 
 
 def layer_densities(
-    shapes: Mapping[str, Sequence[int]], density: float, distribution: str
+    shapes: Mapping[str, Sequence[int]],
+    density: float,
+    distribution: str,
+    erk_power_scale: float = 1.0,
 ) -> dict[str, float]:
     """Per-layer densities whose parameter-weighted mean is ``density`` and none above 1.
 
     ``uniform`` gives every layer ``density``. ``erdos_renyi`` (SET, Mocanu et al. 2018) scales
     each layer by (n_in + n_out) / (n_in * n_out); ``erk`` (RigL, Evci et al. 2020) by
-    sum(shape) / prod(shape), which also accounts for conv kernels. Layers whose scaled density
-    would exceed 1 are made dense and the rest re-scaled until none does.
+    (sum(shape) / prod(shape)) ** erk_power_scale, which also accounts for conv kernels. Layers
+    whose scaled density would exceed 1 are made dense and the rest re-scaled until none does.
+
+    ``erk_power_scale`` (rigl's and jaxpruner's option, read by ``erk`` only): 1.0 is ERK itself,
+    values below 1 soften it towards ``uniform``, which 0.0 gives.
     """
     check(0.0 < density <= 1.0, "density", density, "must be in (0, 1]")
     check(distribution in DISTRIBUTIONS, "distribution", distribution, f"must be one of {DISTRIBUTIONS}")
+    check(
+        is_number(erk_power_scale) and erk_power_scale >= 0,
+        "erk_power_scale",
+        erk_power_scale,
+        "must be a finite number >= 0",
+    )
     numel = {name: math.prod(shape) for name, shape in shapes.items()}
-    raw = {name: _raw_score(shape, distribution) for name, shape in shapes.items()}
+    raw = {name: _raw_score(shape, distribution, erk_power_scale) for name, shape in shapes.items()}
     dense: set[str] = set()
     while True:
         budget = density * sum(numel.values()) - sum(numel[n] for n in dense)
