@@ -4,18 +4,23 @@ from structlearn.methods.base import Dense, Method, OptimizerSlot, ParamCount, P
 from structlearn.methods.dst import SET, DynamicSparse, RigL
 from structlearn.methods.masked import GMP, MaskedMethod, Static
 from structlearn.methods.morphonet import MorphoNet
+from structlearn.methods.prune_init import SNIP, GraSP, PruneAtInit, SynFlow
 
 __all__ = [
     "GMP",
     "SET",
+    "SNIP",
     "Dense",
     "DynamicSparse",
+    "GraSP",
     "MaskedMethod",
     "Method",
     "MorphoNet",
     "OptimizerSlot",
     "ParamCount",
     "Plan",
+    "PruneAtInit",
     "RigL",
     "Static",
+    "SynFlow",
 ]
