@@ -41,6 +41,28 @@ ACC = {  # (dataset, method) -> accuracy per seed
 }
 
 
+FLOPS = {  # method -> (inference, training) FLOPs as fractions of dense, per seed
+    "dense": [(1.0, 1.0)] * 3,
+    "sparse": [(0.09, 0.30), (0.10, 0.33), (0.11, 0.39)],
+}
+
+
+def flops_section(inference_fraction, training_fraction):
+    """A summary's ``flops`` as structlearn.flops writes it (dense counts 1,000 and 10^6)."""
+    return {
+        "inference": 1000 * inference_fraction,
+        "inference_dense": 1000,
+        "inference_fraction": inference_fraction,
+        "training": 1e6 * training_fraction,
+        "training_dense": 1e6,
+        "training_fraction": training_fraction,
+        "steps": 10,
+        "examples": 320,
+        "unseen": [],
+        "rule": "FLOPs of Linear/Conv layers only",
+    }
+
+
 def job(root, name, overrides, summary=None, marker=True):
     """A job directory: Hydra's folder, the run's marker and, if given, its summary."""
     d = root / str(name)
@@ -53,7 +75,7 @@ def job(root, name, overrides, summary=None, marker=True):
     return d
 
 
-def write_sweep(root, failed=False, acc=ACC):
+def write_sweep(root, failed=False, acc=ACC, flops=None):
     number = 0
     for (dataset, method), accs in acc.items():
         for seed, value in enumerate(accs):
@@ -65,6 +87,8 @@ def write_sweep(root, failed=False, acc=ACC):
                 "final": {"test_acc": value, "test_loss": 1 - value},
                 "params": {"total": 1000, "effective": 1000 if method == "dense" else 250},
             }
+            if flops is not None and (dataset, method, seed) in flops:
+                summary["flops"] = flops[(dataset, method, seed)]
             d = job(root, number, [f"dataset={dataset}", f"method={method}", f"seed={seed}"], summary)
             (d / "metrics.csv").write_text(f"epoch,test_acc\n1,{value - 0.1}\n2,{value}\n")
             number += 1
@@ -411,3 +435,70 @@ def test_a_profile_without_any_z_score_says_so(tmp_path, figures):
     assert figures[-1].get_suptitle().startswith("run 0: motif z-scores over training")
     plot_trajectory(pd.DataFrame({"epoch": [1, 2], "count/ffl": [3.0, 4.0]}), tmp_path / "c.png")
     assert "randomizations=0" in figures[-1].axes[0].texts[0].get_text()
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------
+
+
+def _flops(skip=()):
+    """Every run's flops section (FLOPS per method and seed), except the cells in ``skip``."""
+    return {
+        (dataset, method, seed): flops_section(*fractions)
+        for dataset, method in ACC
+        for seed, fractions in enumerate(FLOPS[method])
+        if (dataset, method) not in skip
+    }
+
+
+def test_flops_columns_show_the_mean_fractions_of_dense(tmp_path, figures):
+    sweep = write_sweep(tmp_path / "sweep", flops=_flops())
+    table = by_cell(summarize(load_runs(sweep), baseline="method=dense"))
+    assert table.loc[("moons", "sparse"), "flops_inference"] == pytest.approx(0.10)
+    assert table.loc[("moons", "sparse"), "flops_training"] == pytest.approx(0.34)
+    assert table.loc[("blobs", "dense"), "flops_inference"] == pytest.approx(1.0)
+    paths = report(sweep, tmp_path / "out", baseline="method=dense")
+    text = paths["md"].read_text()
+    head = "| dataset | method | n | final.test_acc (%) | effective params | params ratio | FLOPs inf. | FLOPs train |"
+    assert head + " pairs |" in text
+    assert "| moons | sparse | 3 | 94.0 ± 3.0 | 250 | 0.25× | 0.10× | 0.34× | 3 | +2.0 |" in text
+    assert "| blobs | dense | 3 | 71.0 ± 1.0 | 1,000 | 1.00× | 1.00× | 1.00× | – | baseline |" in text
+    assert "FLOPs inf. / FLOPs train = mean over seeds" in text
+    csv = pd.read_csv(paths["csv"]).set_index(["dataset", "method"])
+    assert csv.loc[("blobs", "sparse"), "flops_inference"] == pytest.approx(0.10)
+    assert csv.loc[("blobs", "sparse"), "flops_training"] == pytest.approx(0.34)
+    # the plot: the metric against the inference fraction, one colour per method as for the params
+    assert paths["flops_plot"] == tmp_path / "out" / "report_accuracy_vs_flops.png"
+    assert paths["flops_plot"].stat().st_size > 0
+    params, flops, _ = figures
+    assert flops.get_suptitle() == "sweep: final.test_acc vs inference FLOPs (mean ± std over seeds)"
+    panels = flops.axes
+    assert [ax.get_title() for ax in panels] == ["dataset=blobs", "dataset=moons"]
+    assert all(ax.get_xscale() == "log" and "FLOPs" in ax.get_xlabel() for ax in panels)
+    colour = {c.get_label(): tuple(c.lines[0].get_color()) for c in panels[1].containers}
+    assert colour == {c.get_label(): tuple(c.lines[0].get_color()) for c in params.axes[1].containers}
+    sparse = next(c for c in panels[1].containers if c.get_label() == "method=sparse")  # moons
+    assert sparse.lines[0].get_xdata() == pytest.approx([0.10])
+    assert sparse.lines[0].get_ydata() == pytest.approx([94.0])
+    bar = sparse.lines[2][0].get_segments()[0][:, 1]  # ± std of the three seeds, in percent
+    assert bar == pytest.approx([91.0, 97.0])
+
+
+def test_runs_without_flops_give_no_columns_and_no_plot(tmp_path, figures):
+    sweep = write_sweep(tmp_path / "sweep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report_accuracy_vs_flops.png").write_bytes(b"an old picture")
+    paths = report(sweep, out, baseline="method=dense")
+    assert "flops_plot" not in paths and not (out / "report_accuracy_vs_flops.png").exists()
+    assert len(figures) == 2  # params and curves only
+    text = paths["md"].read_text()
+    assert "FLOPs" not in text
+    assert not any(c.startswith("flops") for c in pd.read_csv(paths["csv"]).columns)
+
+
+def test_groups_without_flops_say_n_a(tmp_path):
+    sweep = write_sweep(tmp_path / "sweep", flops=_flops(skip={("blobs", "dense")}))
+    text = report(sweep, tmp_path / "out", baseline="method=dense")["md"].read_text()
+    assert "| blobs | dense | 3 | 71.0 ± 1.0 | 1,000 | 1.00× | n/a | n/a |" in text
+    assert "| blobs | sparse | 3 | 62.0 ± 2.6 | 250 | 0.25× | 0.10× | 0.34× |" in text
+    assert (tmp_path / "out" / "report_accuracy_vs_flops.png").exists()

@@ -5,6 +5,11 @@ Every number comes from the runs' own files (names from :class:`structlearn.run_
 marker; which grid cell a job is: Hydra's ``.hydra/overrides.yaml`` is rewritten at each start and
 read only for directories without a marker) and ``metrics.csv`` (learning curves).
 
+**FLOPs.** Where the summaries have a ``flops`` section (:mod:`structlearn.flops`), the table
+gets each group's mean inference and training FLOPs as fractions of the same network dense
+(``FLOPs inf.``, ``FLOPs train``; ``n/a`` for a group whose runs have no count) and the report an
+accuracy-vs-inference-FLOPs plot; sweeps of runs without a FLOP count get neither.
+
 **What is counted.** Every job directory under the root is one of: a run with a ``summary.json``
 (``completed``, ``failed``, ``diverged``: only completed runs enter the table; the others are
 listed apart with their error), **incomplete** (killed: a marker or checkpoint but no summary,
@@ -58,6 +63,10 @@ UNREADABLE = "unreadable"  # the status of a job whose summary or overrides cann
 EXCLUDED = (INCOMPLETE, UNREADABLE)  # jobs with no outcome: listed and counted, never tabulated
 STATES = ("killed", "not started")  # of an incomplete job, as the sweep's tally line names them
 NOT_METRICS = frozenset({PAIR_KEY, "run_dir"})
+FLOP_FRACTIONS = {  # table column -> summary column: FLOPs as a fraction of the same network dense
+    "flops_inference": "flops.inference_fraction",
+    "flops_training": "flops.training_fraction",
+}
 _STAT_COLUMNS = (
     "n",
     "failed",
@@ -68,6 +77,8 @@ _STAT_COLUMNS = (
     "std",
     "effective_params",
     "params_ratio",
+    "flops_inference",
+    "flops_training",
     "pairs",
     "diff",
     "ci_low",
@@ -427,7 +438,9 @@ def summarize(
     Returns:
         One row per group: the group keys, ``n`` (completed runs with the metric), ``failed``,
         ``incomplete``, ``unreadable``, ``missing`` (completed runs without the metric), ``mean``,
-        ``std``, ``effective_params``, ``params_ratio``, ``pairs``, ``diff`` (mean paired difference
+        ``std``, ``effective_params``, ``params_ratio``, ``flops_inference`` and ``flops_training``
+        (mean FLOPs as fractions of dense; only when some run has a FLOP count, see
+        :func:`has_flops`), ``pairs``, ``diff`` (mean paired difference
         to the baseline), ``ci_low``/``ci_high`` (its bootstrap interval), ``p_value`` (paired
         t-test), ``p_holm`` (Holm-adjusted) and ``note`` (``baseline``, ``no baseline``, ``n<3``,
         ``no spread``, ``seeds repeat``). Metric values are as in the summaries (fractions for
@@ -445,6 +458,7 @@ def summarize(
     _check_selection(runs, base_sel, "--baseline", baseline or "")
     _check_selection(runs, ref_sel, "--params-reference", params_reference or baseline or "")
     done = runs[runs["status"] == COMPLETED]
+    flops = has_flops(runs)
 
     def matching(frame: pd.DataFrame, cell: Mapping[str, Any], sel: Mapping[str, str]) -> pd.DataFrame:
         return _select(frame, {**{k: cell[k] for k in by if k not in sel}, **sel})
@@ -468,6 +482,7 @@ def summarize(
             std=scores.std(ddof=1) if len(scores) > 1 else math.nan,
             effective_params=_mean(group, "params.effective"),
             params_ratio=math.nan,
+            **({k: _mean(group, column) for k, column in FLOP_FRACTIONS.items()} if flops else {}),
             pairs=0,
             diff=math.nan,
             ci_low=math.nan,
@@ -483,6 +498,15 @@ def summarize(
     table = pd.DataFrame(rows)
     table.insert(table.columns.get_loc("p_value") + 1, "p_holm", holm(table["p_value"]))
     return table
+
+
+def has_flops(runs: pd.DataFrame) -> bool:
+    """Whether any completed run has a FLOP fraction (``flops`` in its summary, with a count)."""
+    done = runs[runs["status"] == COMPLETED]
+    return any(
+        column in done.columns and pd.to_numeric(done[column], errors="coerce").notna().any()
+        for column in FLOP_FRACTIONS.values()
+    )
 
 
 def _mean(frame: pd.DataFrame, column: str) -> float:
@@ -559,6 +583,12 @@ def caption(
     reference = params_reference or baseline
     if reference:
         text += f" Params ratio = mean effective parameters / mean total parameters of the {reference} group."
+    if "flops_inference" in table.columns:
+        text += (
+            " FLOPs inf. / FLOPs train = mean over seeds of the inference FLOPs of the final network and"
+            " of the training FLOPs of the run, each as a fraction of the same network dense (summary.json"
+            " flops; counting rule in structlearn.flops); n/a: no FLOP count in the group's runs."
+        )
     return text + "\n"
 
 
@@ -571,6 +601,9 @@ def to_markdown(table: pd.DataFrame, metric: str = "final.test_acc", baseline: b
     scale, spec, dspec = (100.0, ".1f", "+.1f") if percent else (1.0, ".4g", "+.4g")
     keys = _keys_of(table)
     head = [*keys, "n", f"{metric}{' (%)' if percent else ''}", "effective params", "params ratio"]
+    flops = "flops_inference" in table.columns
+    if flops:
+        head += ["FLOPs inf.", "FLOPs train"]
     if baseline:
         head += ["pairs", "Δ (pp)" if percent else "Δ", "95 % CI of Δ", "p (paired t)", "p (Holm)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -585,6 +618,8 @@ def to_markdown(table: pd.DataFrame, metric: str = "final.test_acc", baseline: b
             _fmt(r["effective_params"], ",.0f"),
             _fmt(r["params_ratio"], ".2f") + ("×" if not pd.isna(r["params_ratio"]) else ""),
         ]
+        if flops:
+            cells += [_fraction(r["flops_inference"]), _fraction(r["flops_training"])]
         if baseline:
             note = r.get("note") or ""
             if note in ("baseline", "no baseline", "seeds repeat"):
@@ -605,6 +640,13 @@ def to_markdown(table: pd.DataFrame, metric: str = "final.test_acc", baseline: b
                 ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _fraction(x: Any) -> str:
+    """A FLOP fraction of dense: ``0.10×``; small ones keep two significant digits; ``n/a`` when unknown."""
+    if x is None or pd.isna(x):
+        return "n/a"
+    return f"{x:.2f}×" if x == 0 or abs(x) >= 0.01 else f"{x:.2g}×"
 
 
 def _spec(row: pd.Series, overrides: Sequence[str]) -> str:
@@ -729,6 +771,8 @@ def _plot_panels(
                 color=palette[label],
                 label=label,
             )
+        if len(xs := part["_x"].unique()) == 1 and xs[0] > 0:  # one x: a range around it, not a singular axis
+            ax.set_xlim(xs[0] / 2, xs[0] * 2)
         ax.set_xscale("log")
         if value_ticks:
             ticks = sorted(part["_x"].unique())
@@ -758,6 +802,27 @@ def plot_accuracy_vs_params(
         path,
         metric,
         "effective parameters (mean over seeds)",
+        value_ticks=False,
+        title=title,
+    )
+
+
+def plot_accuracy_vs_flops(
+    table: pd.DataFrame, path: Path, metric: str = "final.test_acc", title: str | None = None
+) -> Path | None:
+    """Mean metric (± std) against mean inference FLOPs as a fraction of dense: a panel per dataset,
+    a line per method. Returns None (and writes nothing) when no group has a FLOP count."""
+    if "flops_inference" not in table.columns:
+        return None
+    keys = _series_keys(table, ("dataset",))
+    series = ["method"] if "method" in keys else keys
+    return _plot_panels(
+        table,
+        "flops_inference",
+        series,
+        path,
+        metric,
+        "inference FLOPs (fraction of dense, mean over seeds)",
         value_ticks=False,
         title=title,
     )
@@ -889,6 +954,12 @@ def report(
             f"{where}: {metric} vs parameters (mean ± std over seeds)",
         )
     }
+    plots["flops_plot"] = plot_accuracy_vs_flops(
+        table,
+        out / f"{name}_accuracy_vs_flops.png",
+        metric,
+        f"{where}: {metric} vs inference FLOPs (mean ± std over seeds)",
+    )
     if vs:
         plots["vs_plot"] = plot_vs(
             table,
@@ -915,7 +986,8 @@ def report(
             f"{where}: learning curves (mean ± std over seeds)",
         )
     paths.update({kind: path for kind, path in plots.items() if path is not None})
-    for stale in ("accuracy_vs_params", "curves"):  # a plot with nothing to show leaves no old picture
+    # a plot with nothing to show leaves no old picture
+    for stale in ("accuracy_vs_params", "accuracy_vs_flops", "curves"):
         if (old := out / f"{name}_{stale}.png") not in paths.values():
             old.unlink(missing_ok=True)
     return paths
