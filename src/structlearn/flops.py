@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -226,8 +227,34 @@ def count_layers(
         layer = LayerFlops(float(model.iterations), w.numel(), active_count("weight", w))
         return FlopCount({"weight": layer})
 
-    uses: dict[str, float] = {}
     modules = dict(model.named_modules())
+    key = (tuple(input_shape), tuple((n, id(m)) for n, m in modules.items() if _counted(m)))
+    cached = _USES.get(model)
+    if cached is not None and cached[0] == key:  # the same layers: how often each is used is known
+        uses = cached[1]
+    else:
+        uses = _uses(model, modules, input_shape)
+        _USES[model] = (key, uses)
+    layers = {
+        name: LayerFlops(n, modules[name].weight.numel(), active_count(name, modules[name].weight))
+        for name, n in uses.items()
+    }
+    unseen = tuple(
+        name
+        for name, m in modules.items()
+        if name not in layers and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+    )
+    return FlopCount(layers, unseen)
+
+
+# model -> (its counted layers and the input shape, how often one example uses each layer's weights):
+# shapes do not change while a run trains, so the forward pass with hooks runs once per set of layers
+_USES: weakref.WeakKeyDictionary[nn.Module, tuple[Any, dict[str, float]]] = weakref.WeakKeyDictionary()
+
+
+def _uses(model: nn.Module, modules: Mapping[str, nn.Module], input_shape: Sequence[int]) -> dict[str, float]:
+    """One forward pass of zeros with hooks: how many times one example uses each layer's weights."""
+    uses: dict[str, float] = {}
     names = {id(m): n for n, m in modules.items()}
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -256,16 +283,7 @@ def count_layers(
             b.copy_(saved)
         for m, mode in modes:
             m.training = mode
-    layers = {
-        name: LayerFlops(n, modules[name].weight.numel(), active_count(name, modules[name].weight))
-        for name, n in uses.items()
-    }
-    unseen = tuple(
-        name
-        for name, m in modules.items()
-        if name not in layers and any(p.dim() >= 2 for p in m.parameters(recurse=False))
-    )
-    return FlopCount(layers, unseen)
+    return uses
 
 
 def _count(model: nn.Module, input_shape: Sequence[int], method: Method | None, training: bool) -> FlopCount:

@@ -56,7 +56,10 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """bf16 autocast where asked for; fp32 and tf32 run without autocast."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return _NO_AUTOCAST
+
+
+_NO_AUTOCAST = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
 def logits_of(output: Tensor | Mapping[str, Any]) -> Tensor:
@@ -141,7 +144,7 @@ def train_step(
     with autocast(device, precision):
         output = model(x)
         logits = logits_of(output)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), y)
         extras = method.extra_loss(model, output, step)
         total = loss + sum(extras.values()) if extras else loss
     for slot in slots:
