@@ -251,6 +251,27 @@ METHOD = [
     ),
     case("method=static method.erk_power_scale=-0.5", "must be a finite number >= 0"),
     case("method=rigl method.erk_power_scale=abc", "must be a finite number >= 0"),
+    # snfs
+    case("method=snfs method.update_every=0", "must be an integer >= 1 (steps) or 'epoch'"),
+    case("method=snfs method.end=1.5", "must be in (0, 1]"),
+    case("method=snfs method.drop_fraction=1.5", "must be in [0, 1]"),
+    case("method=snfs method.drop_fraction_decay=cos", "must be one of ('cosine', 'linear', 'constant')"),
+    case("method=snfs method.distribution=er", "must be one of ('uniform', 'erdos_renyi', 'erk')"),
+    case("method=snfs method.update_order=before", "must be one of ('instead_of_step', 'after_step')"),
+    case("method=snfs method.grow_init=kaiming", "must be one of ('zero', 'random')"),
+    case("method=snfs method.reset_optimizer_state=yes", "must be true or false"),
+    case("method=snfs method.regrow_dropped=1", "must be true or false"),
+    case("method=snfs method.density=0", "must be in (0, 1]"),
+    case(
+        "method=snfs schedule=cifar schedule.optimizer.nesterov=false schedule.optimizer.momentum=0.0",
+        prefix="schedule.optimizer='SGD' is invalid: SNFS grows by momentum",
+        anywhere=True,
+    ),
+    case(
+        "method=snfs +schedule.optimizer.betas=[0.0,0.999]",
+        prefix="schedule.optimizer='AdamW' is invalid: SNFS grows by momentum",
+        anywhere=True,
+    ),
     # set
     case("method=set method.update_every=-1", "must be an integer >= 1 (steps) or 'epoch'"),
     case("method=set method.drop_fraction=-0.5", "must be in [0, 1]"),

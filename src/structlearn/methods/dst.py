@@ -1,9 +1,12 @@
-"""Dynamic sparse training: SET (Mocanu et al. 2018) and RigL (Evci et al. 2020).
+"""Dynamic sparse training: SET (Mocanu et al. 2018), RigL (Evci et al. 2020) and SNFS (Dettmers &
+Zettlemoyer 2019).
 
-Both keep a fixed number of active weights per layer and, at scheduled steps, replace some of
+SET and RigL keep a fixed number of active weights per layer and, at scheduled steps, replace some of
 them: drop the ``k`` active weights of smallest magnitude, grow ``k`` new ones among the inactive
 connections. They differ only in how growth is scored (SET: at random; RigL: by the magnitude of
-the dense gradient), which is all their subclasses define. The parts are kept apart:
+the dense gradient), which is all their subclasses define. SNFS (sparse momentum) grows by the
+optimiser's momentum and also moves the budget between layers (:class:`SNFS`: the total count stays
+exact, per-layer counts follow each layer's mean momentum). The parts are kept apart:
 
 * **rule**: :meth:`DynamicSparse.grow_scores` (and, for RigL, reading gradients in
   :meth:`DynamicSparse.observe_gradients`);
@@ -42,7 +45,7 @@ from structlearn import schedules
 from structlearn.flops import FlopCount
 from structlearn.methods.base import OptimizerSlot, Plan
 from structlearn.methods.masked import MaskedMethod
-from structlearn.sparse.masks import drop_and_grow
+from structlearn.sparse.masks import drop_and_grow, topk_mask
 from structlearn.utils import check, check_choice, check_number
 
 UPDATE_ORDERS = ("instead_of_step", "after_step")
@@ -271,6 +274,19 @@ class DynamicSparse(MaskedMethod):
         w, mask = self._weights[name], self.masks[name]
         scores = self.grow_scores(name, w, mask)
         dropped, grown = drop_and_grow(w, mask, self._counts[name], k, scores, self.regrow_dropped)
+        self._commit_rewire(name, dropped, grown, self._counts[name] - k, optimizers)
+        return dropped, grown
+
+    @torch.no_grad()
+    def _commit_rewire(
+        self, name: str, dropped: Tensor, grown: Tensor, n_kept: int, optimizers: Sequence[OptimizerSlot]
+    ) -> None:
+        """Apply selected drop and grow masks to layer ``name`` (``n_kept``: active weights not dropped).
+
+        Sets grown weights to ``grow_init``, applies the optimiser-state policy, and updates
+        ``masks`` and ``ever_active``.
+        """
+        w, mask = self._weights[name], self.masks[name]
         new_mask = (mask & ~dropped) | grown
         born = grown & ~mask  # really new (differs from `grown` only with regrow_dropped)
         gone = dropped & ~grown
@@ -278,14 +294,13 @@ class DynamicSparse(MaskedMethod):
             w.masked_fill_(born, 0.0)
         else:
             kept = mask & ~dropped
-            rms = torch.sqrt((w.square() * kept).sum() / max(self._counts[name] - k, 1))  # 0-dim, on device
+            rms = torch.sqrt((w.square() * kept).sum() / max(n_kept, 1))  # 0-dim, on device
             noise = torch.randn(w.shape, generator=self._generator).to(device=w.device, dtype=w.dtype)
             w.copy_(torch.where(born, noise * rms, w))
         if self.reset_optimizer_state:
             reset_optimizer_state(w, born | gone, optimizers)
         self.masks[name] = new_mask
         self.ever_active[name] |= new_mask
-        return dropped, grown
 
     def _update_metrics(
         self, old: Mapping[str, Tensor], drops: Mapping[str, int], fraction: float
@@ -407,3 +422,265 @@ class RigL(DynamicSparse):
         metrics = super().after_step(model, step, optimizers)
         self._grad_scores = {}  # the gradient copies live from after_backward to here, on update steps only
         return metrics
+
+
+# -- SNFS: sparse momentum ------------------------------------------------------------------------
+
+
+def prune_and_regrow(
+    weight: Tensor,
+    mask: Tensor,
+    n_active: int,
+    n_drop: int,
+    n_grow: int,
+    grow_scores: Tensor,
+    regrow_dropped: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """:func:`~structlearn.sparse.masks.drop_and_grow` with different drop and grow counts.
+
+    Drops the ``n_drop`` active weights of smallest |w| and grows the ``n_grow`` candidates of
+    largest score; candidates are the connections inactive before the drop (and, with
+    ``regrow_dropped``, the just-dropped ones). The new mask ``(mask & ~dropped) | grown`` has
+    ``n_active - n_drop + n_grow`` active entries.
+
+    Returns:
+        ``(dropped, grown)``: bool masks of exactly ``n_drop`` and ``n_grow`` entries.
+    """
+    check(0 <= n_drop <= n_active, "n_drop", n_drop, f"must be in [0, {n_active}]")
+    candidates = weight.numel() - n_active + (n_drop if regrow_dropped else 0)
+    check(0 <= n_grow <= candidates, "n_grow", n_grow, f"must be in [0, {candidates}]")
+    dropped = topk_mask(weight.detach().abs().neg().masked_fill(~mask, float("-inf")), n_drop)
+    excluded = (mask & ~dropped) if regrow_dropped else mask
+    grown = topk_mask(grow_scores.masked_fill(excluded, float("-inf")), n_grow)
+    return dropped, grown
+
+
+def redistribute(total: int, shares: Mapping[str, float], capacity: Mapping[str, int]) -> dict[str, int]:
+    """Split ``total`` units over layers in proportion to ``shares``, none above its ``capacity``.
+
+    Water-filling: a layer whose proportional part exceeds its capacity gets exactly its capacity
+    and the rest is split again over the others, until none overflows; the parts are then
+    rounded by largest remainder so they sum to exactly ``total``. Shares that are negative or
+    not finite count as 0; if the layers left have no share at all, the rest is split in
+    proportion to their capacity.
+
+    Args:
+        total: units to split, in [0, sum(capacity)].
+        shares: relative weight of every layer (SNFS: its mean momentum magnitude).
+        capacity: the most units each layer can take (>= 0).
+    """
+    room = sum(capacity.values())
+    check(0 <= total <= room, "total", total, f"must be in [0, {room}] (the layers' capacity)")
+    clean = {n: float(s) if math.isfinite(s) and s > 0 else 0.0 for n, s in shares.items()}
+    parts: dict[str, float] = {}
+    free = [n for n in capacity if capacity[n] > 0]
+    remaining = float(total)
+    while free:
+        weight = {n: clean.get(n, 0.0) for n in free}
+        if sum(weight.values()) <= 0:
+            weight = {n: float(capacity[n]) for n in free}
+        scale = remaining / sum(weight.values())
+        over = [n for n in free if weight[n] * scale > capacity[n]]
+        if not over:
+            parts.update({n: weight[n] * scale for n in free})
+            break
+        for n in over:
+            parts[n] = float(capacity[n])
+            remaining -= capacity[n]
+        free = [n for n in free if n not in over]
+    counts = {n: min(capacity[n], math.floor(parts.get(n, 0.0))) for n in capacity}
+    leftover = total - sum(counts.values())
+    by_remainder = sorted(
+        capacity, key=lambda n: parts.get(n, 0.0) - math.floor(parts.get(n, 0.0)), reverse=True
+    )
+    while leftover > 0:  # at most len(capacity) units in one pass; more only from float round-off
+        for n in by_remainder:
+            if leftover > 0 and counts[n] < capacity[n]:
+                counts[n] += 1
+                leftover -= 1
+    return counts
+
+
+def momentum_of(weight: Tensor, optimizers: Sequence[OptimizerSlot]) -> Tensor | None:
+    """The optimiser's first moment of ``weight``: SGD's (or RMSprop's) ``momentum_buffer`` or
+    Adam's ``exp_avg``; zeros before the optimiser's first step; None if it keeps neither."""
+    for slot in optimizers:
+        if not any(p is weight for group in slot.optimizer.param_groups for p in group["params"]):
+            continue
+        state = slot.optimizer.state.get(weight) or {}
+        if not state:
+            return torch.zeros_like(weight)
+        for key in ("momentum_buffer", "exp_avg"):
+            if isinstance(state.get(key), Tensor):
+                return state[key]
+        return None
+    return None
+
+
+def keeps_momentum(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> bool:
+    """Whether every param group holding one of ``params`` keeps a first moment
+    (``momentum > 0`` as SGD and RMSprop, or ``betas[0] > 0`` as the Adam family)."""
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        if not any(id(p) in ids for p in group["params"]):
+            continue
+        momentum, betas = group.get("momentum"), group.get("betas")
+        has = (isinstance(momentum, int | float) and momentum > 0) or (
+            isinstance(betas, tuple | list) and len(betas) == 2 and float(betas[0]) > 0
+        )
+        if not has:
+            return False
+    return True
+
+
+class SNFS(DynamicSparse):
+    """Sparse momentum (Dettmers & Zettlemoyer 2019, "Sparse Networks from Scratch"): prune by |w|,
+    redistribute across layers and regrow by the optimiser's momentum.
+
+    On every update (by default the end of every epoch but the last), with the prune rate ``p``
+    (``drop_fraction``, 0.5 cosine-decayed to 0 at ``end``):
+
+    1. each layer's share is the mean |momentum| over its active weights, normalised over layers
+       (measured before pruning, as the paper's Algorithm 1 and the reference code);
+    2. each layer drops its ``floor(p * n_i)`` active weights of smallest |w|;
+    3. the total dropped ``K`` is split over layers in proportion to the shares
+       (:func:`redistribute`), a layer taking at most its free connections (so none becomes more
+       than dense); each layer grows its part at the inactive connections of largest |momentum|.
+
+    The total of active weights stays exactly the target; per-layer counts move towards layers with
+    large momentum. The momentum is the optimiser's first moment, which integrates the dense
+    gradients of inactive weights too (masked weights are re-zeroed after every step, their
+    gradients are not masked): SGD's ``momentum_buffer`` or Adam/AdamW's ``exp_avg``. An optimiser
+    without one is refused by :meth:`configure_optimizers`. Grown weights start at ``grow_init``
+    and their optimiser state follows ``reset_optimizer_state``, as in :class:`DynamicSparse`
+    (scores are read before the reset). In training FLOPs every step computes the dense weight
+    gradient (the momentum of inactive weights needs it; RigL paper's accounting of SNFS).
+
+    Departures from the reference code (TimDettmers/sparse_learning): exact integer counts (the
+    reference rounds with ``ceil`` and corrects with a running residual); growth capped at a
+    layer's free connections (the reference caps at 0.99 of them and spreads the overflow
+    uniformly, with an extra prune-rate rule for nearly dense layers); Adam's momentum is
+    ``exp_avg`` (the reference divides by ``sqrt(exp_avg_sq)``); with ``regrow_dropped=False`` (the
+    default) a just-dropped connection is not regrown in the same update, and if the layers have
+    fewer free connections than ``K`` the drops are scaled down to fit.
+
+    Args: as :class:`DynamicSparse`; :attr:`DEFAULTS` holds SNFS's choices (uniform densities, an
+        update at the end of every epoch, ``drop_fraction`` 0.5 with cosine decay, the optimiser
+        steps before the topology changes).
+    """
+
+    DEFAULTS: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {
+            **DynamicSparse.DEFAULTS,
+            "distribution": "uniform",
+            "update_every": "epoch",
+            "end": 1.0,
+            "drop_fraction": 0.5,
+            "drop_fraction_decay": "cosine",
+            "update_order": "after_step",
+        }
+    )
+
+    def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
+        self._momentum: dict[str, Tensor] = {}  # |momentum| of the sparse weights during an update
+        return super().prepare(model, plan)
+
+    def configure_optimizers(
+        self, model: nn.Module, schedule: schedules.TrainSchedule, plan: Plan
+    ) -> list[OptimizerSlot]:
+        slots = super().configure_optimizers(model, schedule, plan)
+        weights = list(self._weights.values())
+        for slot in slots:
+            if not keeps_momentum(slot.optimizer, weights):
+                raise ValueError(
+                    f"schedule.optimizer={type(slot.optimizer).__name__!r} is invalid: SNFS grows by momentum; "
+                    "use SGD with momentum > 0 or an Adam-family optimiser with betas[0] > 0"
+                )
+        return slots
+
+    def grow_scores(self, name: str, weight: Tensor, mask: Tensor) -> Tensor:
+        """|momentum| of every connection, read in :meth:`after_step` of the update step."""
+        if name not in self._momentum:
+            raise RuntimeError(f"SNFS: no momentum of {name} read; after_step reads it on update steps")
+        return self._momentum[name]
+
+    def read_momentum(self, optimizers: Sequence[OptimizerSlot]) -> dict[str, Tensor]:
+        """|first moment| of every sparse weight (zeros before the optimiser's first step)."""
+        momenta = {}
+        for name, w in self._weights.items():
+            m = momentum_of(w, optimizers)
+            if m is None:
+                raise RuntimeError(
+                    f"SNFS: the optimiser keeps no momentum for {name} (schedule.optimizer needs "
+                    "SGD with momentum > 0 or Adam's exp_avg)"
+                )
+            momenta[name] = m.detach().abs()
+        return momenta
+
+    def plan_update(
+        self, fraction: float, shares: Mapping[str, float]
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """Per-layer ``(drops, grows)`` of an update: ``floor(fraction * n_i)`` dropped, their total
+        regrown in proportion to ``shares`` within each layer's free connections (no tensor work).
+        Without any positive share (no momentum yet) every layer regrows what it drops."""
+        numel = {n: w.numel() for n, w in self._weights.items()}
+        drops = {n: math.floor(fraction * c) for n, c in self._counts.items()}
+        capacity = {
+            n: numel[n] - self._counts[n] + (drops[n] if self.regrow_dropped else 0) for n in self._counts
+        }
+        if sum(drops.values()) > sum(capacity.values()):  # too few free connections: drop less
+            drops = redistribute(sum(capacity.values()), drops, drops)
+        if not any(math.isfinite(s) and s > 0 for s in shares.values()):  # no momentum anywhere yet
+            shares = drops  # every layer regrows what it drops
+        return drops, redistribute(sum(drops.values()), shares, capacity)
+
+    def after_step(self, model: nn.Module, step: int, optimizers: list[OptimizerSlot]) -> dict[str, float]:
+        if not self.is_update_step(step):
+            self.apply_masks()
+            return {}
+        fraction = self.drop_fraction_at(step)
+        self._momentum = self.read_momentum(optimizers)
+        names = list(self._weights)
+        means = torch.stack(  # one host sync: mean |momentum| over each layer's active weights
+            [(self._momentum[n] * self.masks[n]).sum() / max(self._counts[n], 1) for n in names]
+        ).tolist()
+        total = sum(m for m in means if math.isfinite(m))
+        shares = {
+            n: (m / total if total > 0 and math.isfinite(m) else 0.0)
+            for n, m in zip(names, means, strict=True)
+        }
+        drops, grows = self.plan_update(fraction, shares)
+        old = dict(self.masks)
+        for name in names:
+            if drops[name] or grows[name]:
+                self.rewire_layer(name, drops[name], optimizers, n_grow=grows[name])
+        self.apply_masks()
+        self._momentum = {}
+        metrics = self._update_metrics(old, drops, fraction)
+        metrics["dst/grown"] = float(sum(grows.values()))
+        for n in names:
+            metrics[f"dst/grown/{n}"] = float(grows[n])
+            metrics[f"snfs/momentum_share/{n}"] = shares[n]
+        return metrics
+
+    @torch.no_grad()
+    def rewire_layer(
+        self, name: str, k: int, optimizers: Sequence[OptimizerSlot], n_grow: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Drop ``k`` active weights of ``name`` by smallest |w| and grow ``n_grow`` (default ``k``) by
+        |momentum|; updates the layer's count. The caller re-applies the masks afterwards."""
+        n_grow = k if n_grow is None else n_grow
+        w, mask, n_active = self._weights[name], self.masks[name], self._counts[name]
+        scores = self.grow_scores(name, w, mask)
+        dropped, grown = prune_and_regrow(w, mask, n_active, k, n_grow, scores, self.regrow_dropped)
+        self._commit_rewire(name, dropped, grown, n_active - k, optimizers)
+        self._counts[name] = n_active - k + n_grow
+        return dropped, grown
+
+    def flops(self, model: nn.Module, input_shape: Sequence[int], training: bool) -> FlopCount:
+        """As every masked method, and in training the sparse layers' dense weight gradient on every
+        step (the momentum of inactive weights integrates it)."""
+        count = super().flops(model, input_shape, training)
+        if not training:
+            return count
+        return count.with_dense_gradient([n.removesuffix(".weight") for n in self.masks], lambda step: True)
