@@ -40,7 +40,16 @@ EXTRA: dict[str, list[str]] = {
     "gmp": ["method.update_every=2"],
 }
 WALL_CLOCK = ("time_s",)
-SUMMARY_KEYS = ("status", "epochs_completed", "final", "best", "before_finalize", "params", "structure", "flops")
+SUMMARY_KEYS = (
+    "status",
+    "epochs_completed",
+    "final",
+    "best",
+    "before_finalize",
+    "params",
+    "structure",
+    "flops",
+)
 
 
 def overrides(method: str) -> list[str]:
