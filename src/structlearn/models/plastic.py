@@ -87,6 +87,55 @@ class GatedPath(nn.Module):
         return f"{self.src} -> {self.dst}"
 
 
+def _check_arguments(
+    *,
+    input_shape: Sequence[int],
+    stem_width: Any,
+    expansion: Any,
+    widths: Any,
+    stage_slots: Any,
+    max_paths: Any,
+    span: Any,
+    stem: Any,
+    flags: dict[str, Any],
+    seed: Any,
+    paths: Any,
+) -> None:
+    """The checks of :class:`PlasticResNet`'s arguments that need no backbone (one-line messages)."""
+    check(
+        len(input_shape) in (1, 3),
+        "input_shape",
+        tuple(input_shape),
+        "PlasticResNet needs images shaped (C, H, W) or feature vectors (D,)",
+    )
+    check(is_int(stem_width) and stem_width > 0, "stem_width", stem_width, "must be an integer > 0")
+    check_int(expansion, "expansion", 1)
+    check(
+        is_list(widths, lambda w: is_int(w) and w > 0 and w % expansion == 0) and len(widths) >= 1,
+        "widths",
+        list(widths) if is_list(widths) else widths,
+        f"must be a non-empty list of integers > 0, each divisible by expansion={expansion}",
+    )
+    check(
+        is_list(stage_slots, lambda n: is_int(n) and n >= 1) and len(stage_slots) == len(widths),
+        "stage_slots",
+        list(stage_slots) if is_list(stage_slots) else stage_slots,
+        f"must be a list of {len(widths)} integers >= 1 (one per entry of widths)",
+    )
+    check_int(max_paths, "max_paths", 0)
+    check_choice(span, "span", SPANS)
+    check_choice(stem, "stem", STEMS)
+    for name, flag in flags.items():
+        check_bool(flag, name)
+    check_int(seed, "seed", 0)
+    check(
+        paths is None or is_list(paths, lambda s: is_list(s, is_int) and len(s) == 2),
+        "paths",
+        paths,
+        "must be a list of [src, dst] pairs of integers, or null",
+    )
+
+
 class PlasticResNet(BatchStatsEval):
     """A backbone of nodes with a budget of gated bottleneck paths between them (module docstring).
 
@@ -130,45 +179,25 @@ class PlasticResNet(BatchStatsEval):
         eval_batch_stats: bool = False,
     ) -> None:
         super().__init__()
-        check(
-            len(input_shape) in (1, 3),
-            "input_shape",
-            tuple(input_shape),
-            "PlasticResNet needs images shaped (C, H, W) or feature vectors (D,)",
+        _check_arguments(
+            input_shape=input_shape,
+            stem_width=stem_width,
+            expansion=expansion,
+            widths=widths,
+            stage_slots=stage_slots,
+            max_paths=max_paths,
+            span=span,
+            stem=stem,
+            flags={
+                "allow_duplicates": allow_duplicates,
+                "entry_paths": entry_paths,
+                "channels_last": channels_last,
+                "eval_batch_stats": eval_batch_stats,
+            },
+            seed=seed,
+            paths=paths,
         )
-        check(is_int(stem_width) and stem_width > 0, "stem_width", stem_width, "must be an integer > 0")
-        check_int(expansion, "expansion", 1)
-        check(
-            is_list(widths, lambda w: is_int(w) and w > 0 and w % expansion == 0) and len(widths) >= 1,
-            "widths",
-            list(widths) if is_list(widths) else widths,
-            f"must be a non-empty list of integers > 0, each divisible by expansion={expansion}",
-        )
-        widths = list(widths)
-        check(
-            is_list(stage_slots, lambda n: is_int(n) and n >= 1) and len(stage_slots) == len(widths),
-            "stage_slots",
-            list(stage_slots) if is_list(stage_slots) else stage_slots,
-            f"must be a list of {len(widths)} integers >= 1 (one per entry of widths)",
-        )
-        stage_slots = list(stage_slots)
-        check_int(max_paths, "max_paths", 0)
-        check_choice(span, "span", SPANS)
-        check_choice(stem, "stem", STEMS)
-        for name, flag in (
-            ("allow_duplicates", allow_duplicates),
-            ("entry_paths", entry_paths),
-            ("channels_last", channels_last),
-            ("eval_batch_stats", eval_batch_stats),
-        ):
-            check_bool(flag, name)
-        check_int(seed, "seed", 0)
-        check(
-            paths is None or is_list(paths, lambda s: is_list(s, is_int) and len(s) == 2),
-            "paths",
-            paths,
-            "must be a list of [src, dst] pairs of integers, or null",
-        )
+        widths, stage_slots = list(widths), list(stage_slots)
         self.span, self.allow_duplicates, self.expansion = span, bool(allow_duplicates), expansion
         self.channels_last, self.eval_batch_stats = bool(channels_last), bool(eval_batch_stats)
 
