@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import io
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,23 @@ def train_toy(
         device=torch.device("cpu"),
     )
     return summary, model
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for tiny models: faster than two, and immune to a busy 2-core machine's OpenMP stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def round_trip(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` through ``torch.save`` and a ``weights_only`` load, as a checkpoint file takes it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ schedule match hand-computed values.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from structlearn.schedules import LRSchedule, TrainSchedule, drop_fraction
 from structlearn.sparse.masks import allocate_counts, drop_and_grow, layer_densities
 from structlearn.utils import build
 
+from .conftest import round_trip
+
 CPU = torch.device("cpu")
 NETS = ("mlp", "conv")
 METHODS = {"set": SET, "rigl": RigL}
@@ -43,13 +44,7 @@ OPTIMIZERS = {
 BATCH = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The nets here are tiny: one thread avoids OpenMP stalls (40x slower convs on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def make_data(net: str, seed: int = 0) -> InMemoryDataset:
@@ -488,18 +483,14 @@ def test_checkpoint_round_trip_continues_exactly(net, name, optimizer):
 
     model_b, method_b, slots_b = fresh(0)  # stopped at step 10 (not a multiple of ΔT), saved
     manual_steps(model_b, method_b, slots_b, batches, range(10))
-    buffer = io.BytesIO()
-    torch.save(
+    ckpt = round_trip(
         {
             "step": 10,
             "model": model_b.state_dict(),
             "method": method_b.state_dict(),
             "optimizer": slots_b[0].optimizer.state_dict(),
-        },
-        buffer,
+        }
     )
-    buffer.seek(0)
-    ckpt = torch.load(buffer, weights_only=True)
 
     model_c, method_c, slots_c = fresh(1)  # different init: everything must come from the checkpoint
     model_c.load_state_dict(ckpt["model"])

@@ -13,7 +13,6 @@ the old ERK bit for bit and 0.5 / 0.0 follow rigl's formula.
 from __future__ import annotations
 
 import functools
-import io
 import math
 
 import pytest
@@ -30,16 +29,13 @@ from structlearn.schedules import LRSchedule, TrainSchedule
 from structlearn.sparse.masks import allocate_counts, layer_densities, topk_mask
 from structlearn.utils import build
 
+from .conftest import round_trip
+
 CPU = torch.device("cpu")
 METHODS = {"snip": SNIP, "grasp": GraSP, "synflow": SynFlow}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 # -- a 2-layer network and its hand-computed derivatives ------------------------------------------
@@ -363,17 +359,13 @@ def test_checkpoint_round_trip_restores_the_mask_and_continues_exactly(name):
     model_b, method_b = prepared(name, **extra)
     slots_b = sgd_slot(model_b)
     steps(model_b, method_b, slots_b, range(4))
-    buffer = io.BytesIO()
-    torch.save(
+    ckpt = round_trip(
         {
             "model": model_b.state_dict(),
             "method": method_b.state_dict(),
             "opt": slots_b[0].optimizer.state_dict(),
-        },
-        buffer,
+        }
     )
-    buffer.seek(0)
-    ckpt = torch.load(buffer, weights_only=True)
 
     # rebuilt the way structlearn-analyze does: another init, and no data (plan.batches is None)
     model_c = mlp(seed=1)

@@ -10,7 +10,6 @@ an optimiser without momentum is refused; a checkpoint round trip continues exac
 from __future__ import annotations
 
 import functools
-import io
 
 import pytest
 import torch
@@ -23,15 +22,10 @@ from structlearn.runner import train
 from structlearn.schedules import LRSchedule, TrainSchedule
 from structlearn.utils import build
 
+from .conftest import round_trip
 from .test_dst import CPU, OPTIMIZERS, make_data, make_model, make_schedule, manual_steps, target_counts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def spy(method: SNFS) -> list[dict]:
@@ -292,17 +286,13 @@ def test_checkpoint_round_trip_continues_exactly():
     manual_steps(model_a, method_a, slots_a, batches, range(30))
     model_b, method_b, slots_b = fresh(0)
     manual_steps(model_b, method_b, slots_b, batches, range(10))
-    buffer = io.BytesIO()
-    torch.save(
+    ckpt = round_trip(
         {
             "model": model_b.state_dict(),
             "method": method_b.state_dict(),
             "opt": slots_b[0].optimizer.state_dict(),
-        },
-        buffer,
+        }
     )
-    buffer.seek(0)
-    ckpt = torch.load(buffer, weights_only=True)
     model_c, method_c, slots_c = fresh(1)
     model_c.load_state_dict(ckpt["model"])
     method_c.load_state_dict(ckpt["method"])

@@ -22,13 +22,7 @@ from .conftest import train_toy
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Matrices of a few hundred neurons: one thread is fastest, and immune to a busy machine's stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 PLAN = Plan(epochs=1, steps_per_epoch=1, seed=0, device=CPU)

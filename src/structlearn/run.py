@@ -40,7 +40,7 @@ from structlearn.resume import (
     with_saved_overrides,
 )
 from structlearn.run_dir import RunDir
-from structlearn.runner import PRECISIONS, batch_sampler, train
+from structlearn.runner import PRECISIONS, batch_sampler, method_settings, train
 from structlearn.utils import (
     ConfigError,
     JobKilled,
@@ -224,12 +224,17 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
         )
 
 
-def _build(cfg: DictConfig) -> dict[str, Any]:
-    """Every object of the run, through :func:`structlearn.utils.build` (config errors name their key)."""
-    data = build(cfg.dataset, "dataset")
+def _build(cfg: DictConfig, shape: tuple[tuple[int, ...], int] | None = None) -> dict[str, Any]:
+    """Every object of the run, through :func:`structlearn.utils.build` (config errors name their key).
+
+    With ``shape`` (input shape, classes) the dataset is not built (``data`` is None) and the model is
+    built for that shape: the pre-flight of datasets read from files.
+    """
+    data = build(cfg.dataset, "dataset") if shape is None else None
+    input_shape, classes = shape if shape is not None else (data.input_shape, data.num_classes)
     return {
         "data": data,
-        "model": build(cfg.model, "model", input_shape=data.input_shape, num_classes=data.num_classes),
+        "model": build(cfg.model, "model", input_shape=input_shape, num_classes=classes),
         "method": build(cfg.method, "method"),
         "schedule": build(cfg.schedule, "schedule"),
         "sinks": [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()],
@@ -255,38 +260,31 @@ def validate(cfg: DictConfig) -> None:
     the config gives (channels from ``grayscale``, side from ``resize``, 10 classes).
     """
     _scalars(cfg)
-    node = cfg.dataset
-    if str(node.get("_target_", "")).endswith("CIFAR10"):
-        if not node.get("download"):
-            from structlearn.data.cifar import BASE_FOLDER, check_files
-
-            try:
-                check_files(Path(str(node.root)) / BASE_FOLDER, verify=False)
-            except FileNotFoundError as exc:
-                raise ConfigError(f"dataset: {exc}") from None
-        side = node.get("resize") or 32
-        shape, classes = (1 if node.get("grayscale") else 3, side, side), 10
-        data, steps = None, 1
-    else:
-        data = build(node, "dataset")
-        _check_objective_data(cfg, data)
-        shape, classes = data.input_shape, data.num_classes
-    model = build(cfg.model, "model", input_shape=shape, num_classes=classes)
-    method, schedule = build(cfg.method, "method"), build(cfg.schedule, "schedule")
-    for key in ("analysis", "checkpoint"):
-        if cfg.get(key):
-            build(cfg[key], key)
-    for name, sink in (cfg.get("logger") or {}).items():
-        build(sink, f"logger.{name}")
+    objects = _build(cfg, _file_dataset_shape(cfg.dataset))
+    data, schedule = objects["data"], objects["schedule"]
     if data is not None:
-        steps = data.steps_per_epoch(schedule.batch_size)
+        _check_objective_data(cfg, data)
+    steps = data.steps_per_epoch(schedule.batch_size) if data is not None else 1
     sampler = batch_sampler(data, schedule, cfg.seed) if data is not None else None
     plan = Plan(schedule.epochs, steps, cfg.seed, torch.device("cpu"), sampler)
-    try:
-        model = method.prepare(model, plan)
-        method.configure_optimizers(model, schedule, plan)
-    except ValueError as exc:
-        raise ConfigError(f"method: {exc}") from exc
+    with method_settings():  # the same errors as the job would give
+        model = objects["method"].prepare(objects["model"], plan)
+        objects["method"].configure_optimizers(model, schedule, plan)
+
+
+def _file_dataset_shape(node: DictConfig) -> tuple[tuple[int, ...], int] | None:
+    """(input shape, classes) of a dataset read from files (CIFAR-10), its files checked to exist; else None."""
+    if not str(node.get("_target_", "")).endswith("CIFAR10"):
+        return None
+    if not node.get("download"):
+        from structlearn.data.cifar import BASE_FOLDER, check_files
+
+        try:
+            check_files(Path(str(node.root)) / BASE_FOLDER, verify=False)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"dataset: {exc}") from None
+    side = node.get("resize") or 32
+    return (1 if node.get("grayscale") else 3, side, side), 10
 
 
 def grid_jobs(config: DictConfig) -> list[list[str]]:

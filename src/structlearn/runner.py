@@ -215,7 +215,7 @@ def batch_sampler(data: InMemoryDataset, schedule: TrainSchedule, seed: int) -> 
 
 
 @contextlib.contextmanager
-def _method_settings() -> Iterator[None]:
+def method_settings() -> Iterator[None]:
     """A method whose settings do not fit the model or the schedule raises ValueError: a config error."""
     try:
         yield
@@ -256,11 +256,11 @@ class _Loop:
         resume: Checkpoint | None,
     ) -> _Loop:
         """Data and model on the device, the method's structure (restored on resume), the optimisers."""
-        with _method_settings():
+        with method_settings():
             model = method.prepare(model.to(plan.device), plan)
         if resume is not None:  # the structure first (paths, masks): optimisers are built on it
             restore_network(model, method, resume)
-        with _method_settings():
+        with method_settings():
             slots = method.configure_optimizers(model, schedule, plan)
         if resume is None:
             _check_slots(model, slots)
