@@ -49,6 +49,7 @@ SUMMARY_KEYS = (
     "params",
     "structure",
     "flops",
+    "phases",
 )
 
 

@@ -352,6 +352,43 @@ METHOD = [
         prefix="schedule.grad_clip=1.0 is invalid: MorphoNet clips one norm",
         anywhere=True,
     ),
+    # runs made of phases (imp, imp_reinit, imp_random, oneshot, dsd): the phase list and its transitions
+    case("method=imp method.first_layer_dense=1", "must be true or false"),
+    case("method=imp +method.density=0.1", "Prunable takes no argument 'density'"),
+    case("method=imp phases.1.repeat=0", "must be an integer >= 1"),
+    case("method=imp phases.1.repeat=two", "must be an integer >= 1"),
+    case("method=imp phases.1.name=3", "must be a non-empty string"),
+    case("method=imp +phases.1.rounds=3", "a phase's keys are name, repeat, schedule, transitions"),
+    case("method=imp phases.1.transitions.0.scope=row", "must be one of ('layer', 'global')"),
+    case("method=imp phases.1.transitions.0.criterion=gradient", "must be one of ('magnitude', 'random')"),
+    case("method=imp phases.1.transitions.0.density=0", "must be in (0, 1]"),
+    case("method=imp +phases.1.transitions.0.fraction=0.2", "give exactly one of fraction and density"),
+    case("method=imp phases.1.transitions.1.step=-1", "must be an integer >= 0"),
+    case(
+        "method=imp phases.1.transitions.1.step=100000",
+        "must be at most",
+        prefix="phases.1.transitions.1=Rewind(step=100000) is invalid: ",
+    ),
+    case("method=imp_reinit phases.2.transitions.0.seed_offset=-1", "must be an integer >= 0"),
+    case(
+        "method=imp_random phases.2.transitions.0._target_=torch.nn.ReLU",
+        "must be a structlearn.phases transition",
+        prefix="phases.2.transitions.0=ReLU is invalid: ",
+    ),
+    case("method=oneshot phases.1.schedule.epochs=0", "must be an integer > 0"),
+    case("method=oneshot phases.1.schedule.optimizer.lr=-1", "must be a finite number"),
+    case(
+        "method=oneshot +phases.1.schedule.batch_size=7",
+        "every phase trains with the run's schedule.batch_size",
+    ),
+    case("method=dsd phases.2.schedule=3", "must be a mapping of schedule keys"),
+    case(
+        "method=dense phases=[{name:a},{name:b,transitions:[{_target_:structlearn.phases.ReleaseMasks}]}]",
+        "needs a method with prunable masks",
+        prefix="phases.1.transitions.0=ReleaseMasks() is invalid: ",
+    ),
+    case("phases=[]", "must be a non-empty list of phases, or null"),
+    case("phases=3", "must be a non-empty list of phases, or null"),
 ]
 
 SCHEDULE = [

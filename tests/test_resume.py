@@ -96,6 +96,18 @@ RUNS = {
     # the seed's variant: new paths untrained (in no optimiser, their gradients add up) and the gradient criterion
     "plasticnet_untrained": [*PLASTIC, "method.criterion=gradient", "method.train_new_paths=false"],
 }
+# Runs of several phases, two epochs each: every kind of transition (a prune and a rewind to a step
+# after the start, a re-initialisation, random masks, released masks) and a phase's own lr schedule.
+PHASED = {
+    name: [*overrides, "dataset=moons", *TOY_SIZES["moons"], "schedule.epochs=2"]
+    for name, overrides in {
+        "imp": ["method=imp", "phases.1.repeat=2", "phases.1.transitions.1.step=2"],
+        "imp_reinit": ["method=imp_reinit", "phases.1.repeat=1"],
+        "imp_random": ["method=imp_random", "phases.1.repeat=1"],
+        "oneshot": ["method=oneshot"],
+        "dsd": ["method=dsd", "density=0.5"],
+    }.items()
+}
 SUMMARY_KEYS = (
     "status",
     "epochs_completed",
@@ -105,6 +117,8 @@ SUMMARY_KEYS = (
     "structure",
     "before_finalize",
     "structure_analysis",
+    "phases",
+    "flops",
 )
 
 
@@ -257,7 +271,7 @@ def references(tmp_path_factory) -> dict[str, Path]:
 def _reference(make_cfg, references: dict[str, Path], tmp_path_factory, name: str) -> Path:
     if name not in references:
         run_dir = tmp_path_factory.mktemp(f"reference-{name}")
-        summary = execute(make_cfg(*BASE, *RUNS[name]), run_dir)
+        summary = execute(make_cfg(*BASE, *{**RUNS, **PHASED}[name]), run_dir)
         assert summary["status"] == "completed", summary.get("error")
         references[name] = run_dir
     return references[name]
@@ -298,6 +312,28 @@ def test_killed_twice_and_resumed_twice(make_cfg, tmp_path, references, tmp_path
     summary = execute(make_cfg(*overrides), tmp_path)
     assert summary["status"] == "completed"
     _assert_same_run(tmp_path, reference)
+
+
+@pytest.mark.parametrize("name", sorted(PHASED))
+def test_a_kill_across_a_phase_boundary_resumes_exactly(
+    make_cfg, tmp_path, references, tmp_path_factory, name
+):
+    """Killed right after the last phase's transitions (before its first checkpoint); IMP also inside
+    a phase after a checkpoint of its own (its optimisers restored) and while writing the checkpoint
+    of a phase's end: each resumed run equals the uninterrupted one."""
+    reference = _reference(make_cfg, references, tmp_path_factory, name)
+    rows = _metrics(reference)
+    per_epoch, phases = int(rows[0]["step"]), int(rows[-1]["phase"]) + 1
+    last_start = 2 * (phases - 1) * per_epoch
+    kills = [("step", last_start + 1)]
+    if name == "imp":  # IMP also inside a phase, and while its dense phase's last checkpoint is written
+        kills += [("step", 3 * per_epoch + 1), ("checkpoint", 2)]
+    for i, (kind, n) in enumerate(kills):
+        run_dir = tmp_path / f"{kind}{i}"
+        _killed_run([*BASE, *PHASED[name]], run_dir, kind, n)
+        summary = execute(make_cfg(*BASE, *PHASED[name], f"resume={run_dir}"), run_dir)
+        assert summary["status"] == "completed", summary.get("error")
+        _assert_same_run(run_dir, reference)
 
 
 def test_a_kill_during_the_first_checkpoint_leaves_nothing_to_resume(tmp_path):

@@ -280,13 +280,22 @@ class Recorder:
         for sink in self._started:
             sink.event(event, step)
 
-    def row(self, row: Mapping[str, float], step: int, graph: Callable[[], SignedGraph | None]) -> None:
-        """An evaluation point: the row, and the network's graph (built only if the analysis wants it)."""
+    def row(
+        self,
+        row: Mapping[str, float],
+        step: int,
+        graph: Callable[[], SignedGraph | None],
+        analyse: bool = False,
+    ) -> None:
+        """An evaluation point: the row, and the network's graph (built only if the analysis wants it).
+
+        ``analyse``: analyse this point whatever the analysis's own interval (a phase's end).
+        """
         self.record.add_row(row)
         for sink in self._started:
             sink.log(row, step)
         epoch = int(row["epoch"])
-        if self.analysis is not None and self.analysis.wants(epoch):
+        if self.analysis is not None and (analyse or self.analysis.wants(epoch)):
             self.analysis.observe(epoch, step, graph())
 
     def state_dict(self) -> dict[str, Any]:

@@ -27,10 +27,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from structlearn.methods.base import Plan
+from structlearn.phases import boundaries, build_phases, check_phases
 from structlearn.resume import (
     check_not_foreign,
     check_same_config,
@@ -62,6 +63,9 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 # resolver cache into each job's config, so the jobs of one sweep agree on it.
 if not OmegaConf.has_resolver("unique_id"):
     OmegaConf.register_new_resolver("unique_id", lambda: secrets.token_hex(4), use_cache=True)
+# Phase configs scale the run's values: lr: ${mul:${schedule.optimizer.lr},0.1}
+if not OmegaConf.has_resolver("mul"):
+    OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
 # hydra.run.dir: the run being resumed (resume=<dir>) continues in its own directory.
 if not OmegaConf.has_resolver("resume_or"):
     OmegaConf.register_new_resolver("resume_or", lambda resume, new: str(resume) if resume else new)
@@ -80,6 +84,7 @@ TOP_LEVEL = (
     "model",
     "method",
     "schedule",
+    "phases",
     "logger",
     "analysis",
     "checkpoint",
@@ -232,15 +237,35 @@ def _build(cfg: DictConfig, shape: tuple[tuple[int, ...], int] | None = None) ->
     """
     data = build(cfg.dataset, "dataset") if shape is None else None
     input_shape, classes = shape if shape is not None else (data.input_shape, data.num_classes)
+
+    def fresh_model(seed: int) -> Any:
+        """The model built anew, initialised from ``seed`` (the run's random streams untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build(cfg.model, "model", input_shape=input_shape, num_classes=classes)
+
     return {
         "data": data,
         "model": build(cfg.model, "model", input_shape=input_shape, num_classes=classes),
         "method": build(cfg.method, "method"),
         "schedule": build(cfg.schedule, "schedule"),
+        "phases": build_phases(_resolved(cfg, "phases"), cfg.schedule, _merged),
+        "fresh_model": fresh_model,
         "sinks": [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()],
         "analysis": build(cfg.analysis, "analysis") if cfg.get("analysis") else None,
         "checkpointing": build(cfg.checkpoint, "checkpoint") if cfg.get("checkpoint") else None,
     }
+
+
+def _resolved(cfg: DictConfig, key: str) -> Any:
+    """``cfg[key]`` as plain containers, interpolations resolved against the whole config."""
+    node = cfg.get(key)
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
+
+
+def _merged(base: DictConfig, overrides: Any) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in, as plain containers (errors then name the caller's key)."""
+    return OmegaConf.to_container(OmegaConf.merge(base, overrides), resolve=True)
 
 
 def _check_objective_data(cfg: DictConfig, data: Any) -> None:
@@ -261,15 +286,18 @@ def validate(cfg: DictConfig) -> None:
     """
     _scalars(cfg)
     objects = _build(cfg, _file_dataset_shape(cfg.dataset))
-    data, schedule = objects["data"], objects["schedule"]
+    data, schedule, phases = objects["data"], objects["schedule"], objects["phases"]
     if data is not None:
         _check_objective_data(cfg, data)
     steps = data.steps_per_epoch(schedule.batch_size) if data is not None else 1
     sampler = batch_sampler(data, schedule, cfg.seed) if data is not None else None
-    plan = Plan(schedule.epochs, steps, cfg.seed, torch.device("cpu"), sampler)
+    epochs = boundaries(phases)[-1] if phases else schedule.epochs
+    plan = Plan(epochs, steps, cfg.seed, torch.device("cpu"), sampler)
     with method_settings():  # the same errors as the job would give
         model = objects["method"].prepare(objects["model"], plan)
         objects["method"].configure_optimizers(model, schedule, plan)
+    if phases:
+        check_phases(phases, objects["method"], model, cfg.seed, steps, objects["fresh_model"])
 
 
 def _file_dataset_shape(node: DictConfig) -> tuple[tuple[int, ...], int] | None:

@@ -27,6 +27,7 @@ from structlearn.utils import check
 
 METRIC_KEYS = ("test_acc", "test_loss", "train_loss", "train_acc")
 VAL_KEYS = ("val_acc", "val_loss")
+OPTIONAL_KEYS = ("phases",)  # checkpoint keys added later; older checkpoints lack them
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,9 @@ class RunState:
         finalized: whether the method's ``finalize`` already ran on the network.
         started: the ``time.perf_counter()`` origin of the run's wall time (earlier attempts included).
         flops: the FLOP meter's state (:class:`structlearn.flops.FlopMeter`) at the last evaluation point.
+        phases_begun: phases whose transitions have been applied (:mod:`structlearn.phases`).
+        snapshots: the model's state after each step a transition rewinds to, by step.
+        phase_results: of a run of several phases, each finished phase's last evaluation and density.
     """
 
     position: Position
@@ -130,6 +134,9 @@ class RunState:
     finalized: bool = False
     started: float = field(default_factory=time.perf_counter)
     flops: dict[str, Any] | None = None
+    phases_begun: int = 0
+    snapshots: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    phase_results: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def fresh(cls, seed: int, device: torch.device) -> RunState:
@@ -165,6 +172,8 @@ class RunState:
         }
         if self.before_finalize is not None:
             out["before_finalize"] = self.before_finalize
+        if self.phase_results:
+            out["phases"] = [dict(r) for r in self.phase_results]
         return out
 
 
@@ -239,6 +248,8 @@ class Checkpoint:
         record: the rows and event count written so far and the analysis trajectory.
         results: ``epochs_completed``, ``final``, ``best`` (and ``before_finalize``).
         elapsed_s: wall time so far.
+        phases: ``{"begun", "snapshots"}``: phases whose transitions ran, the weights a rewind needs
+            (None in checkpoints of one-phase runs written before phases existed).
     """
 
     config: dict[str, Any]
@@ -258,6 +269,7 @@ class Checkpoint:
     record: dict[str, Any]
     results: dict[str, Any]
     elapsed_s: float
+    phases: dict[str, Any] | None = None
 
     @classmethod
     def capture(
@@ -293,6 +305,7 @@ class Checkpoint:
             record=dict(record),
             results={**state.results(), "flops_meter": state.flops},
             elapsed_s=state.elapsed,
+            phases={"begun": state.phases_begun, "snapshots": state.snapshots},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,7 +317,7 @@ class Checkpoint:
 
     @classmethod
     def from_dict(cls, saved: Mapping[str, Any]) -> Checkpoint:
-        fields = {k: saved[k] for k in cls.__dataclass_fields__}
+        fields = {k: saved[k] for k in cls.__dataclass_fields__ if k in saved}
         fields["position"] = Position(**saved["position"])
         return cls(**fields)
 
@@ -312,7 +325,7 @@ class Checkpoint:
     def load(cls, path: Any) -> Checkpoint:
         """Read ``path`` (:func:`structlearn.checkpoint.load`: ``weights_only``, format checked)."""
         saved = ckpt.load(path)
-        missing = [k for k in cls.__dataclass_fields__ if k not in saved]
+        missing = [k for k in cls.__dataclass_fields__ if k not in saved and k not in OPTIONAL_KEYS]
         if missing:
             raise ckpt.CheckpointMismatch(
                 f"{path} lacks {missing[:3]}: it is not a whole structlearn checkpoint"
@@ -338,6 +351,9 @@ class Checkpoint:
             finalized=self.finalized,
             started=time.perf_counter() - self.elapsed_s,
             flops=results.get("flops_meter"),
+            phases_begun=self.phases["begun"] if self.phases is not None else 1,
+            snapshots=dict(self.phases["snapshots"]) if self.phases is not None else {},
+            phase_results=[dict(r) for r in results.get("phases", [])],
         )
 
     @property

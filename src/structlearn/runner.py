@@ -12,13 +12,15 @@ to one :class:`~structlearn.recording.Recorder`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import itertools
 import logging
 import math
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -29,6 +31,7 @@ from structlearn import checkpoint as ckpt
 from structlearn.data.base import InMemoryDataset
 from structlearn.flops import FlopMeter
 from structlearn.methods.base import Method, OptimizerSlot, Plan, clip_gradients
+from structlearn.phases import Phase, TransitionContext, boundaries, check_phases, phase_of
 from structlearn.preemption import PreemptionGuard
 from structlearn.recording import Recorder, RunInfo, Sink
 from structlearn.run_dir import RunDir
@@ -224,21 +227,30 @@ def method_settings() -> Iterator[None]:
         raise ConfigError(message if _NAMED.match(message) else f"method: {message}") from exc
 
 
+def _shifted(lr_schedule: Callable[[int], float], start: int) -> Callable[[int], float]:
+    """A phase's lr schedule, which counts its own steps, as a function of the run's step."""
+    return lambda step: lr_schedule(step - start)
+
+
 @dataclass
 class _Loop:
-    """The objects of one run, built once by :meth:`setup`; each method is one phase of :func:`train`."""
+    """The objects of one run, built once by :meth:`setup`; each method is one part of :func:`train`.
+
+    ``slots`` are the optimisers of the current phase (:meth:`enter` builds them).
+    """
 
     data: InMemoryDataset
     model: nn.Module
     method: Method
-    schedule: TrainSchedule
-    slots: list[OptimizerSlot]
+    phases: list[Phase]
     plan: Plan
     precision: str
     recorder: Recorder
     checkpointing: Checkpointing | None
     identity: Mapping[str, Any]
     flops: FlopMeter
+    fresh_model: Callable[[int], nn.Module] | None = None
+    slots: list[OptimizerSlot] = field(default_factory=list)
     flops_error: str | None = None
 
     @classmethod
@@ -247,34 +259,115 @@ class _Loop:
         data: InMemoryDataset,
         model: nn.Module,
         method: Method,
-        schedule: TrainSchedule,
+        phases: list[Phase],
         plan: Plan,
         precision: str,
         recorder: Recorder,
         checkpointing: Checkpointing | None,
         identity: Mapping[str, Any],
         resume: Checkpoint | None,
+        fresh_model: Callable[[int], nn.Module] | None = None,
     ) -> _Loop:
-        """Data and model on the device, the method's structure (restored on resume), the optimisers."""
+        """Data and model on the device, the method's structure (restored on resume); phases checked."""
         with method_settings():
             model = method.prepare(model.to(plan.device), plan)
         if resume is not None:  # the structure first (paths, masks): optimisers are built on it
             restore_network(model, method, resume)
-        with method_settings():
-            slots = method.configure_optimizers(model, schedule, plan)
-        if resume is None:
-            _check_slots(model, slots)
-        else:  # the layout the run had (a method may leave parameters out on purpose, e.g. new paths)
-            restore_optimizers(model, slots, resume.optimizers)
+        check_phases(phases, method, model, plan.seed, plan.steps_per_epoch, fresh_model)
         _check_space(recorder.record.run_dir.path, model, checkpointing is not None)
         flops = FlopMeter(data.input_shape)
         return cls(
-            data, model, method, schedule, slots, plan, precision, recorder, checkpointing, identity, flops
+            data,
+            model,
+            method,
+            phases,
+            plan,
+            precision,
+            recorder,
+            checkpointing,
+            identity,
+            flops,
+            fresh_model,
         )
 
     @property
     def device(self) -> torch.device:
         return self.plan.device
+
+    @property
+    def batch_size(self) -> int:
+        """The run's batch size (every phase trains with it)."""
+        return self.phases[0].schedule.batch_size
+
+    @property
+    def several(self) -> bool:
+        """Whether the run has more than one phase (its rows then carry a ``phase`` column)."""
+        return len(self.phases) > 1
+
+    # -- phases ---------------------------------------------------------------------------------
+
+    def enter(self, state: RunState, index: int, resume: Checkpoint | None) -> None:
+        """Begin phase ``index``: its transitions (once per run), then its optimisers.
+
+        A phase the checkpoint was written inside (its transitions already applied) gets the
+        checkpoint's optimiser state; a phase begun now gets new optimisers.
+        """
+        phase, pos = self.phases[index], state.position
+        begins = state.phases_begun <= index
+        if begins:
+            self.snapshot(state)  # a rewind to the step where a phase begins
+            ctx = TransitionContext(
+                self.model,
+                self.method,
+                self.plan.seed,
+                index,
+                phase.repeat,
+                phase.repeats,
+                state.snapshots,
+                self.fresh_model,
+            )
+            for transition in phase.transitions:
+                event = transition.apply(ctx)
+                if event:
+                    self.recorder.event({"phase": index, **event} if self.several else event, pos.step)
+            state.phases_begun = index + 1
+        start = boundaries(self.phases)[index] * self.plan.steps_per_epoch
+        plan = dataclasses.replace(self.plan, epochs=phase.epochs)
+        with method_settings():
+            self.slots = self.method.configure_optimizers(self.model, phase.schedule, plan)
+        if start:
+            for slot in self.slots:
+                slot.lr_schedule = _shifted(slot.lr_schedule, start)
+        if begins or resume is None:
+            _check_slots(self.model, self.slots)
+        else:  # the layout the run had (a method may leave parameters out on purpose, e.g. new paths)
+            restore_optimizers(self.model, self.slots, resume.optimizers)
+        if begins and phase.transitions and self.observe_flops(pos.step, pos.epoch * len(self.data.x_train)):
+            state.flops = self.flops.state_dict()
+
+    def run_phase(self, state: RunState, index: int, guard: PreemptionGuard) -> None:
+        """The epochs of phase ``index`` left to train: each an epoch, an evaluation point, a checkpoint."""
+        start, end = boundaries(self.phases)[index : index + 2]
+        schedule = self.phases[index].schedule
+        for epoch in range(max(state.position.epoch, start), end):
+            train_metrics = self.train_epoch(state, epoch, guard)
+            last = epoch + 1 == end
+            if (epoch + 1 - start) % schedule.eval_every == 0 or last:
+                self.evaluation_point(state, train_metrics, index, last)
+            signums = guard.take()
+            if (self.checkpointing is not None and self.checkpointing.due(epoch + 1, last)) or signums:
+                self.save(state)
+            guard.forward(signums, self.checkpointing is not None)
+
+    def snapshot(self, state: RunState) -> None:
+        """Keep the model's state if a rewind will need this step's (once)."""
+        step = state.position.step
+        if step in self.snapshot_steps and step not in state.snapshots:
+            state.snapshots[step] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    @functools.cached_property
+    def snapshot_steps(self) -> frozenset[int]:
+        return frozenset(s for phase in self.phases for s in phase.snapshot_steps)
 
     def restore(self, resume: Checkpoint | None) -> RunState:
         """The state to continue from: a fresh one, or the checkpoint's (its record and generators too)."""
@@ -298,7 +391,7 @@ class _Loop:
 
     def train_epoch(self, state: RunState, epoch: int, guard: PreemptionGuard) -> dict[str, float]:
         """Train the epoch's batches from where the state stands; returns the epoch's training means."""
-        pos, model, batch_size = state.position, self.model, self.schedule.batch_size
+        pos, model, batch_size = state.position, self.model, self.batch_size
         if pos.batch == 0:
             self.method.on_epoch_start(model, epoch, pos.step)
             state.begin_epoch(self.device)
@@ -320,6 +413,8 @@ class _Loop:
             state.sums.add(loss, logits, y, extras)
             pos.step += 1
             pos.batch = b + 1
+            if self.snapshot_steps:
+                self.snapshot(state)
             if event:
                 self.recorder.event(event, pos.step)
             if pos.step % refresh == 0:
@@ -337,21 +432,35 @@ class _Loop:
         pos.epoch, pos.batch = epoch + 1, 0
         return train_metrics
 
-    def evaluation_point(self, state: RunState, train_metrics: Mapping[str, float]) -> None:
-        """Evaluate, record the row (and let the analysis see the network), update ``final``/``best``."""
+    def evaluation_point(
+        self, state: RunState, train_metrics: Mapping[str, float], index: int = 0, phase_end: bool = False
+    ) -> None:
+        """Evaluate, record the row (and let the analysis see the network), update ``final``/``best``.
+
+        ``best`` is chosen in the last phase only (earlier phases train a network the run does not
+        produce: IMP's denser rounds); the end of each phase of a run of several is analysed and
+        its result kept in ``phase_results``.
+        """
         pos = state.position
         held_out = self.evaluate_held_out(f"evaluation after epoch {pos.epoch}")
         row = {
             "epoch": pos.epoch,
             "step": pos.step,
+            **({"phase": index} if self.several else {}),
             **train_metrics,
             **held_out,
             **{f"lr/{s.name}": s.optimizer.param_groups[0]["lr"] for s in self.slots},
             "time_s": state.elapsed,
             **self.method.structure_metrics(self.model),  # right after an evaluation pass: the contract
         }
-        self.recorder.row(row, pos.step, lambda: self.method.graph(self.model))
-        state.evaluated(row, self.method.selectable(self.model, pos.step))
+        analyse = phase_end and self.several
+        self.recorder.row(row, pos.step, lambda: self.method.graph(self.model), analyse)
+        last_phase = index == len(self.phases) - 1
+        state.evaluated(row, last_phase and self.method.selectable(self.model, pos.step))
+        if analyse:
+            density = self.method.count_parameters(self.model).density
+            name = self.phases[index].name
+            state.phase_results.append({"phase": index, "name": name, **state.final, "density": density})
         # after structure_metrics, which must follow the evaluation passes directly
         if self.observe_flops(pos.step, pos.epoch * len(self.data.x_train)):
             state.flops = self.flops.state_dict()
@@ -366,7 +475,7 @@ class _Loop:
         return out
 
     def evaluate(self, split: str, where: str) -> dict[str, float]:
-        batch_size = self.schedule.batch_size * 4
+        batch_size = self.batch_size * 4
         self.method.before_evaluation(self.model, split)
         try:
             return evaluate(
@@ -506,6 +615,8 @@ def train(
     checkpointing: Checkpointing | None = None,
     resume: Checkpoint | None = None,
     analysis: StructureAnalysis | None = None,
+    phases: Sequence[Phase] | None = None,
+    fresh_model: Callable[[int], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``method`` on ``data`` and record the run in ``run_dir``.
 
@@ -528,6 +639,9 @@ def train(
         resume: a checkpoint of this run to continue from; the model and method must be built
             exactly as for the run that wrote it.
         analysis: the structure analysis at evaluation points and at the end, or None.
+        phases: the run as phases (:mod:`structlearn.phases`), each with its own schedule and
+            transitions; None: one phase, ``schedule``.
+        fresh_model: ``fresh_model(seed)`` builds the model anew (for :class:`~structlearn.phases.Reinit`).
 
     Returns:
         The summary also written to ``summary.json``. A diverged run returns normally with
@@ -557,17 +671,28 @@ def train(
         recorder, guard = Recorder(run_dir, seed, sinks, analysis), PreemptionGuard()
         state: RunState | None = None
         loop: _Loop | None = None
+        phases = list(phases) if phases else [Phase("train", schedule)]
         try:
             data = data.to(device)
             plan = Plan(
-                schedule.epochs,
+                boundaries(phases)[-1],
                 data.steps_per_epoch(schedule.batch_size),
                 seed,
                 device,
                 batch_sampler(data, schedule, seed),
             )
             loop = _Loop.setup(
-                data, model, method, schedule, plan, precision, recorder, checkpointing, identity, resume
+                data,
+                model,
+                method,
+                phases,
+                plan,
+                precision,
+                recorder,
+                checkpointing,
+                identity,
+                resume,
+                fresh_model,
             )
             state = loop.restore(resume)
             info = RunInfo(
@@ -581,15 +706,12 @@ def train(
             )
             recorder.start(info)
             with guard:
-                for epoch in range(state.position.epoch, schedule.epochs):
-                    train_metrics = loop.train_epoch(state, epoch, guard)
-                    last = epoch + 1 == schedule.epochs
-                    if (epoch + 1) % schedule.eval_every == 0 or last:
-                        loop.evaluation_point(state, train_metrics)
-                    signums = guard.take()
-                    if (checkpointing is not None and checkpointing.due(epoch + 1, last)) or signums:
-                        loop.save(state)
-                    guard.forward(signums, checkpointing is not None)
+                first = phase_of(state.position.epoch, phases)
+                if first == len(phases):  # resumed after the last epoch: the end is left
+                    loop.enter(state, first - 1, resume)
+                for index in range(first, len(phases)):
+                    loop.enter(state, index, resume)
+                    loop.run_phase(state, index, guard)
             summary.update(loop.finish(state, str(names.get("method", "network"))), status="completed")
         except BaseException as exc:
             summary.update(_stopped(exc, state, run_dir, guard))

@@ -2,7 +2,7 @@
 
 from structlearn.methods.base import Dense, Method, OptimizerSlot, ParamCount, Plan
 from structlearn.methods.dst import SET, SNFS, DynamicSparse, RigL
-from structlearn.methods.masked import GMP, MaskedMethod, Static
+from structlearn.methods.masked import GMP, MaskedMethod, Prunable, Static
 from structlearn.methods.morphonet import MorphoNet
 from structlearn.methods.prune_init import SNIP, GraSP, PruneAtInit, SynFlow
 
@@ -20,6 +20,7 @@ __all__ = [
     "OptimizerSlot",
     "ParamCount",
     "Plan",
+    "Prunable",
     "PruneAtInit",
     "RigL",
     "Static",

@@ -144,6 +144,22 @@ class MaskedMethod(Method):
 
     # -- shared machinery -------------------------------------------------------------------------
 
+    @property
+    def weights(self) -> dict[str, nn.Parameter]:
+        """The masked weights by parameter name (the keys of :attr:`masks`)."""
+        return dict(self._weights)
+
+    def set_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """Replace every mask (same names and shapes) and zero the weights they now mask out."""
+        check(
+            set(masks) == set(self.masks) and all(masks[n].shape == self.masks[n].shape for n in masks),
+            "masks",
+            sorted(masks),
+            f"must have the names and shapes of the current masks {sorted(self.masks)}",
+        )
+        self.masks = {n: masks[n].to(dtype=torch.bool, device=self._weights[n].device) for n in self.masks}
+        self.apply_masks()
+
     def initial_masks(self, weights: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
         """Random masks with exactly the allocated number of active weights per layer."""
         counts = self.target_counts(self.density)
@@ -254,3 +270,26 @@ class GMP(MaskedMethod):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self._counts = dict(state["counts"])
+
+
+class Prunable(MaskedMethod):
+    """Dense masks that change only between phases (:mod:`structlearn.phases`): the method of IMP, one-shot and DSD.
+
+    Training starts dense; a phase's transitions prune the masks (:class:`~structlearn.phases.Prune`),
+    rewind or re-draw the surviving weights, or release the masks; within a phase the masks are
+    fixed and masked weights stay exactly zero.
+
+    Args:
+        dense_layers, first_layer_dense, last_layer_dense: layers never pruned (see :class:`MaskedMethod`).
+    """
+
+    def __init__(
+        self,
+        dense_layers: Sequence[str] = (),
+        first_layer_dense: bool = False,
+        last_layer_dense: bool = False,
+    ) -> None:
+        super().__init__(1.0, "uniform", dense_layers, first_layer_dense, last_layer_dense)
+
+    def initial_masks(self, weights: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+        return {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
