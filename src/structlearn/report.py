@@ -586,8 +586,10 @@ def caption(
     if "flops_inference" in table.columns:
         text += (
             " FLOPs inf. / FLOPs train = mean over seeds of the inference FLOPs of the final network and"
-            " of the training FLOPs of the run, each as a fraction of the same network dense (summary.json"
-            " flops; counting rule in structlearn.flops); n/a: no FLOP count in the group's runs."
+            " of the training FLOPs of the run, each as a fraction of the same network dense (for training:"
+            " trained dense for the run's own steps, so a run of several phases, IMP's, is compared with"
+            " dense training as long as itself; summary.json flops; counting rule in structlearn.flops);"
+            " n/a: no FLOP count in the group's runs."
         )
     return text + "\n"
 
