@@ -21,8 +21,11 @@ setup: $(STAMP)  ## create .venv with the locked dependencies
 run: setup  ## train the default experiment (dense MLP on moons, CPU, seconds); ARGS="method=static ..."
 	$(BIN)/structlearn $(ARGS)
 
-test: setup  ## the fast test suite (excludes tests marked slow)
-	$(BIN)/pytest -m "not slow" -q
+test: setup  ## the fast test suite (excludes tests marked slow or slurm)
+	$(BIN)/pytest -m "not slow and not slurm" -q
+
+test-slurm: setup  ## the tests through a SLURM cluster (sudo scripts/slurm_local.sh start first)
+	$(BIN)/pytest -m slurm -q -rs
 
 test-full: setup  ## every test, slow ones included
 	$(BIN)/pytest -q
@@ -42,4 +45,4 @@ clean:  ## remove caches (not outputs/)
 	rm -rf .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
 
-.PHONY: help setup run test test-full bench lint format clean
+.PHONY: help setup run test test-slurm test-full bench lint format clean

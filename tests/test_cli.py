@@ -122,7 +122,10 @@ def test_a_failed_job_does_not_take_its_sweep_down(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "structlearn: error: 1 job(s) failed, e.g. method.density=1.5 is invalid: must be in (0, 1]"
     )
-    assert f"sweep {sweep}: 1 completed, 0 diverged, 1 failed, 0 killed, 0 not started" in proc.stdout
+    assert (
+        f"sweep {sweep}: 1 completed, 0 diverged, 1 failed, 0 preempted, 0 killed, 0 not started"
+        in proc.stdout
+    )
     first = json.loads((sweep / "0" / "summary.json").read_text())
     second = json.loads((sweep / "1" / "summary.json").read_text())
     assert first["status"] == "failed" and "method.density=1.5 is invalid" in first["error"]

@@ -272,6 +272,17 @@ def test_killed_not_started_and_corrupt_jobs_are_listed_not_fatal(tmp_path):
     assert "| blobs | dense | 3 (1 incomplete, 1 unreadable) | 71.0 ± 1.0 |" in text
 
 
+def test_a_preempted_job_awaiting_its_requeue_is_incomplete_not_failed(tmp_path):
+    sweep = write_sweep(tmp_path / "sweep")
+    preempted = {"status": "preempted", "interrupted": "SIGUSR2", "step": 40, "error": "preempted by SIGUSR2"}
+    job(sweep, 30, ["dataset=moons", "method=sparse", "seed=9"], preempted)
+    found = scan(sweep)
+    assert found.runs.set_index("run_dir")["state"].dropna().to_dict() == {str(sweep / "30"): "preempted"}
+    assert found.tally()["failed"] == 0 and found.tally()["incomplete"] == 1
+    text = report(sweep, tmp_path / "out")["md"].read_text()
+    assert "1 incomplete (1 preempted)" in text and "- `preempted` dataset=moons method=sparse seed=9" in text
+
+
 def test_report_markdown_caption_and_csv(tmp_path):
     paths = report(write_sweep(tmp_path / "sweep"), tmp_path / "out", baseline="method=dense")
     text = paths["md"].read_text()

@@ -385,6 +385,38 @@ def test_a_bypassed_signal_checkpoints_and_training_goes_on(
     _assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.parametrize("requeues", [True, False])
+def test_a_job_whose_handler_requeues_it_is_preempted_and_one_it_does_not_requeue_failed(
+    make_cfg, tmp_path, monkeypatch, requeues
+):
+    """submitit's handler requeues the job and exits (SystemExit), or, after the last allowed time-out,
+    refuses with an error: the summary says ``preempted`` (with the step; the report counts it as
+    incomplete) or ``failed`` with the reason (a final outcome)."""
+
+    def handler(signum, frame):
+        if requeues:
+            raise SystemExit(-1)
+        raise RuntimeError("Job not requeued because: timed-out too many times.")
+
+    monkeypatch.setattr(
+        structlearn.runner, "train_step", _step_then(5, lambda: os.kill(os.getpid(), signal.SIGUSR2))
+    )
+    previous = signal.signal(signal.SIGUSR2, handler)
+    try:
+        with pytest.raises(SystemExit if requeues else RuntimeError):
+            execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every_epochs=0"), tmp_path)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert ckpt.load(RunDir(tmp_path).checkpoint)["position"]["step"] == 5
+    if requeues:
+        assert summary["status"] == "preempted" and summary["interrupted"] == "SIGUSR2" and summary["step"] == 5
+        assert "preempted by SIGUSR2 at step 5" in summary["error"] and "requeued" in summary["error"]
+    else:
+        assert summary["status"] == "failed" and "interrupted" not in summary
+        assert summary["error"].endswith("not requeued: Job not requeued because: timed-out too many times.")
+
+
 # -- refusing checkpoints that are not this run's --------------------------------------------------
 
 

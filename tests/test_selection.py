@@ -62,7 +62,7 @@ def test_an_optuna_search_goes_on_past_a_diverging_trial(tmp_path):
     statuses = sorted(json.loads((sweep / str(i) / "summary.json").read_text())["status"] for i in range(4))
     assert "diverged" in statuses and "completed" in statuses  # the search saw both and finished
     n = statuses.count
-    tally = f"sweep {sweep}: {n('completed')} completed, {n('diverged')} diverged, 0 failed, 0 killed, 0 not started"
+    tally = f"sweep {sweep}: {n('completed')} completed, {n('diverged')} diverged, 0 failed, 0 preempted, 0 killed, 0 not started"
     assert f"{tally}; report: structlearn-report {sweep}" in proc.stdout
     assert "Best value: " in proc.stdout + proc.stderr
 
@@ -80,21 +80,23 @@ def test_the_tally_counts_every_kind_of_job(tmp_path):
     job("1", {"status": "completed"})
     job("2", {"status": "diverged"})
     job("3", {"status": "failed", "error": "boom"})
-    job("4", {"status": "failed", "interrupted": "SIGTERM"})  # preempted, not requeued
+    job("4", {"status": "failed", "interrupted": "SIGTERM"})  # interrupted, no handler to requeue it
     job("5")  # started, killed before its summary
+    job("7", {"status": "preempted", "interrupted": "SIGUSR2", "step": 40})  # requeued by its handler
     job("6", run=False)  # Hydra made the directory, nothing ran
     (tmp_path / "multirun.yaml").write_text("")
     line, counts = sweep_tally(tmp_path)
-    assert counts["killed"] == 2 and sum(counts.values()) == 7
+    assert counts["killed"] == 2 and counts["preempted"] == 1 and sum(counts.values()) == 8
     assert line == (
-        f"sweep {tmp_path}: 2 completed, 1 diverged, 1 failed, 2 killed, 1 not started; "
+        f"sweep {tmp_path}: 2 completed, 1 diverged, 1 failed, 1 preempted, 2 killed, 1 not started; "
         f"report: structlearn-report {tmp_path}"
     )
-    # a sweep of 9 jobs: the two without a directory never started either
-    assert sweep_tally(tmp_path, jobs=9)[1] == {
+    # a sweep of 10 jobs: the two without a directory never started either
+    assert sweep_tally(tmp_path, jobs=10)[1] == {
         "completed": 2,
         "diverged": 1,
         "failed": 1,
+        "preempted": 1,
         "killed": 2,
         "not started": 3,
     }

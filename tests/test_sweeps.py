@@ -199,7 +199,7 @@ def test_a_killed_local_parallel_worker_takes_only_its_own_job_which_resumes(tmp
     os.kill(worker, signal.SIGKILL)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
-    assert f"sweep {sweep}: 3 completed, 0 diverged, 0 failed, 0 killed, 0 not started" in out
+    assert f"sweep {sweep}: 3 completed, 0 diverged, 0 failed, 0 preempted, 0 killed, 0 not started" in out
     for job in ("0", "1", "2"):
         with open(sweep / job / "metrics.csv") as f:
             assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, 9))

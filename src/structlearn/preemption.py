@@ -14,6 +14,9 @@ log = logging.getLogger("structlearn")
 class PreemptionGuard:
     """Turn preemption signals into a checkpoint at the next step boundary, then let them act.
 
+    The runner holds the guard for the whole run: a signal during set-up is answered at the first
+    step boundary, and one that arrives after the last step is dropped (the run completes).
+
     SLURM and submitit announce the end of a job with SIGTERM or a user signal (submitit uses
     SIGUSR2 by default, SIGUSR1 in older setups). The handler only notes the signal; the loop
     writes a checkpoint and then calls the handler that was installed before (submitit's, which
@@ -26,6 +29,7 @@ class PreemptionGuard:
     def __init__(self) -> None:
         self.pending: list[int] = []  # every signal noted since the last forward, in order
         self.received: str | None = None  # the last signal acted on, for the summary
+        self.handed_on = False  # the last signal went to a handler installed before (submitit's)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> PreemptionGuard:
@@ -50,6 +54,11 @@ class PreemptionGuard:
         taken, self.pending = self.pending, []
         return taken
 
+    def drop(self, why: str) -> None:
+        """Forget the signals noted so far (received when there is nothing left to save), saying why."""
+        for signum in self.take():
+            log.warning("%s received: %s", signal.Signals(signum).name, why)
+
     def forward(self, signums: Sequence[int], saved: bool) -> None:
         """Hand ``signums`` to the handlers installed before, SIGTERM first.
 
@@ -65,8 +74,18 @@ class PreemptionGuard:
                 "checkpoint written" if saved else "no checkpoints",
             )
             self.received = name  # the summary names it if the handler ends the run
+            self.handed_on = callable(previous)
             if callable(previous):
                 previous(signum, None)  # submitit: checkpoint the job, requeue it, exit
             elif previous != signal.SIG_IGN:
                 raise SystemExit(128 + signum)
-            self.received = None  # ignored or bypassed (submitit bypasses SIGTERM): training goes on
+            self.received, self.handed_on = None, False  # ignored or bypassed (submitit bypasses SIGTERM)
+
+    @property
+    def requeued(self) -> bool:
+        """Whether the handler the last signal went to ended the process (submitit does, after requeuing the job).
+
+        Read while its ``SystemExit`` propagates: a handler that does not requeue (submitit after
+        the last allowed time-out) raises another exception instead.
+        """
+        return self.received is not None and self.handed_on

@@ -61,7 +61,7 @@ COMPLETED = "completed"
 INCOMPLETE = "incomplete"  # the status of a killed, interrupted or not started job
 UNREADABLE = "unreadable"  # the status of a job whose summary or overrides cannot be read
 EXCLUDED = (INCOMPLETE, UNREADABLE)  # jobs with no outcome: listed and counted, never tabulated
-STATES = ("killed", "not started")  # of an incomplete job, as the sweep's tally line names them
+STATES = ("killed", "preempted", "not started")  # of an incomplete job, as the sweep's tally line names them
 NOT_METRICS = frozenset({PAIR_KEY, "run_dir"})
 FLOP_FRACTIONS = {  # table column -> summary column: FLOPs as a fraction of the same network dense
     "flops_inference": "flops.inference_fraction",
@@ -212,8 +212,11 @@ def _read_job(path: Path) -> dict[str, Any]:
         return {"status": UNREADABLE, "error": f"{RunDir.SUMMARY} is not a run summary (no status)", **where}
     if bad_overrides:
         return {"status": UNREADABLE, "error": bad_overrides, **where}
-    if summary["status"] == "killed" or (summary["status"] == "failed" and summary.get("interrupted")):
-        row = {"status": INCOMPLETE, "state": "killed", "error": str(summary.get("error", ""))}
+    if summary["status"] in ("killed", "preempted") or (
+        summary["status"] == "failed" and summary.get("interrupted")
+    ):
+        state = "preempted" if summary["status"] == "preempted" else "killed"
+        row = {"status": INCOMPLETE, "state": state, "error": str(summary.get("error", ""))}
         return {**row, "run_dir": str(path), **_override_columns(overrides)}
     flat = flatten({k: v for k, v in summary.items() if k not in ("versions", "artifacts")})
     row = {k: v for k, v in flat.items() if not isinstance(v, list | Mapping)}  # lists, empty sections

@@ -529,7 +529,7 @@ SWEEPS: list[Path] = []  # the sweep directories this process started (one tally
 SWEEP_JOBS: dict[
     Path, int | None
 ] = {}  # how many jobs each sweep launches (a grid's cells, a search's trials)
-OUTCOMES = ("completed", "diverged", "failed", "killed", "not started")
+OUTCOMES = ("completed", "diverged", "failed", "preempted", "killed", "not started")
 
 
 def sweep_tally(sweep_dir: Path, jobs: int | None = None) -> tuple[str, dict[str, int]]:
@@ -546,7 +546,9 @@ def sweep_tally(sweep_dir: Path, jobs: int | None = None) -> tuple[str, dict[str
             summary = json.loads(run_dir.summary.read_text())
         except (OSError, ValueError):
             summary = None
-        if isinstance(summary, dict) and summary.get("interrupted"):
+        if isinstance(summary, dict) and summary.get("status") == "preempted":
+            counts["preempted"] += 1  # requeued: it continues from its checkpoint
+        elif isinstance(summary, dict) and summary.get("interrupted"):
             counts["killed"] += 1
         elif isinstance(summary, dict) and summary.get("status") in counts:
             counts[summary["status"]] += 1

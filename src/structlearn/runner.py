@@ -579,6 +579,20 @@ def _stopped(
     if guard.received is not None:
         pos = state.position if state is not None else None
         where = f" at step {pos.step} (epoch {pos.epoch + 1})" if pos is not None else ""
+        if guard.requeued and isinstance(exc, SystemExit):  # the job's handler requeued it and exited
+            return {
+                "status": "preempted",
+                "interrupted": guard.received,
+                "step": pos.step if pos is not None else 0,
+                "error": f"preempted by {guard.received}{where}; the job was requeued and continues from its "
+                "checkpoint",
+            }
+        if guard.handed_on:  # the job's handler would not requeue it (submitit: too many time-outs)
+            reason = str(exc).strip() or type(exc).__name__
+            return {
+                "status": "failed",
+                "error": f"interrupted by {guard.received}{where}; not requeued: {reason}",
+            }
         resume = (
             f"; the checkpoint is written: the run continues with resume={run_dir.path}"
             if run_dir.checkpoint.exists()
@@ -673,46 +687,47 @@ def train(
         loop: _Loop | None = None
         phases = list(phases) if phases else [Phase("train", schedule)]
         try:
-            data = data.to(device)
-            plan = Plan(
-                boundaries(phases)[-1],
-                data.steps_per_epoch(schedule.batch_size),
-                seed,
-                device,
-                batch_sampler(data, schedule, seed),
-            )
-            loop = _Loop.setup(
-                data,
-                model,
-                method,
-                phases,
-                plan,
-                precision,
-                recorder,
-                checkpointing,
-                identity,
-                resume,
-                fresh_model,
-            )
-            state = loop.restore(resume)
-            info = RunInfo(
-                run_dir.path,
-                names,
-                identity["config"],
-                plan.total_steps,
-                group,
-                job_name,
-                state.position.step,
-            )
-            recorder.start(info)
-            with guard:
+            with guard:  # from the start: a signal during set-up is answered at the first step
+                data = data.to(device)
+                plan = Plan(
+                    boundaries(phases)[-1],
+                    data.steps_per_epoch(schedule.batch_size),
+                    seed,
+                    device,
+                    batch_sampler(data, schedule, seed),
+                )
+                loop = _Loop.setup(
+                    data,
+                    model,
+                    method,
+                    phases,
+                    plan,
+                    precision,
+                    recorder,
+                    checkpointing,
+                    identity,
+                    resume,
+                    fresh_model,
+                )
+                state = loop.restore(resume)
+                info = RunInfo(
+                    run_dir.path,
+                    names,
+                    identity["config"],
+                    plan.total_steps,
+                    group,
+                    job_name,
+                    state.position.step,
+                )
+                recorder.start(info)
                 first = phase_of(state.position.epoch, phases)
                 if first == len(phases):  # resumed after the last epoch: the end is left
                     loop.enter(state, first - 1, resume)
                 for index in range(first, len(phases)):
                     loop.enter(state, index, resume)
                     loop.run_phase(state, index, guard)
-            summary.update(loop.finish(state, str(names.get("method", "network"))), status="completed")
+                summary.update(loop.finish(state, str(names.get("method", "network"))), status="completed")
+                guard.drop("the run is complete: it ends normally")  # a signal after the last step
         except BaseException as exc:
             summary.update(_stopped(exc, state, run_dir, guard))
             if loop is not None and isinstance(exc, Diverged):

@@ -448,7 +448,9 @@ FILE_MODE = _file_mode()
 
 
 class JobKilled(RuntimeError):
-    """A sweep job's worker process died (twice): the job resumes when the sweep is started again."""
+    """A sweep job ended without a result: its worker process died (twice), SLURM cancelled it, or
+    its handler would not requeue it. The sweep reports it in one line; a job whose directory holds a
+    checkpoint resumes when the sweep is started again."""
 
 
 class WriteError(RuntimeError):
