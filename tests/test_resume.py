@@ -410,7 +410,9 @@ def test_a_job_whose_handler_requeues_it_is_preempted_and_one_it_does_not_requeu
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert ckpt.load(RunDir(tmp_path).checkpoint)["position"]["step"] == 5
     if requeues:
-        assert summary["status"] == "preempted" and summary["interrupted"] == "SIGUSR2" and summary["step"] == 5
+        assert (
+            summary["status"] == "preempted" and summary["interrupted"] == "SIGUSR2" and summary["step"] == 5
+        )
         assert "preempted by SIGUSR2 at step 5" in summary["error"] and "requeued" in summary["error"]
     else:
         assert summary["status"] == "failed" and "interrupted" not in summary

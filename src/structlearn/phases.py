@@ -58,8 +58,13 @@ __all__ = [
     "build_phases",
 ]
 
-PRUNE_SEED_OFFSET = 15485863  # random pruning: a stream of its own per phase
-REINIT_SEED_OFFSET = 32452843  # re-initialisation: a model seed no run uses for its own init
+# The random transitions draw from seed + offset + phase: far from the seeds runs use for their own
+# streams, and different for every phase of a run and every seed at a given phase (a random Prune
+# and RandomMasks in the same phase share it: use one or the other).
+PRUNE_SEED_OFFSET = 15485863  # random pruning and RandomMasks
+REINIT_SEED_OFFSET = 32452843  # re-initialisation (+ seed_offset)
+
+
 SCOPES = ("layer", "global")
 CRITERIA = ("magnitude", "random")
 PHASE_KEYS = ("name", "repeat", "schedule", "transitions")
@@ -111,8 +116,8 @@ class Transition:
 
     snapshot_step: int | None = None  # the optimiser step whose weights it needs, if any
 
-    def problem(self, ctx: TransitionContext, start_step: int) -> str | None:
-        """Why it cannot act at this phase (which begins at ``start_step``), or None if it can.
+    def problem(self, ctx: TransitionContext, start_step: int | None) -> str | None:
+        """Why it cannot act at this phase (which begins at ``start_step``, None: unknown yet), or None if it can.
 
         The default: it needs a method with prunable masks.
         """
@@ -237,8 +242,8 @@ class Rewind(Transition):
         self.step = step
         self.snapshot_step = step
 
-    def problem(self, ctx: TransitionContext, start_step: int) -> str | None:
-        if self.step > start_step:
+    def problem(self, ctx: TransitionContext, start_step: int | None) -> str | None:
+        if start_step is not None and self.step > start_step:
             return f"step={self.step} lies after the phase begins (step {start_step}): must be at most {start_step}"
         return super().problem(ctx, start_step)
 
@@ -268,7 +273,7 @@ class Reinit(Transition):
         check_int(seed_offset, "seed_offset", 0)
         self.seed_offset = seed_offset
 
-    def problem(self, ctx: TransitionContext, start_step: int) -> str | None:
+    def problem(self, ctx: TransitionContext, start_step: int | None) -> str | None:
         if ctx.fresh_model is None:
             return "needs a way to build the model anew (train(fresh_model=...)); none was given"
         return super().problem(ctx, start_step)
@@ -405,7 +410,12 @@ def build_phases(entries: Any, schedule_node: Any, merge: Callable[[Any, Any], A
                 f"{where}.schedule.batch_size={overrides['batch_size']!r} is invalid: every phase trains with "
                 f"the run's schedule.batch_size={base.batch_size}"
             )
-        schedule = build(merge(schedule_node, overrides), f"{where}.schedule")
+        try:
+            merged = merge(schedule_node, overrides)
+        except Exception as exc:  # a value of the wrong type for its key
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{where}.schedule={dict(overrides)!r} is invalid: {first}") from None
+        schedule = build(merged, f"{where}.schedule")
         nodes = entry.get("transitions") or []
         if isinstance(nodes, str | bytes) or not isinstance(nodes, Sequence):
             raise ConfigError(f"{where}.transitions={nodes!r} is invalid: must be a list of transitions")
@@ -420,6 +430,11 @@ def build_phases(entries: Any, schedule_node: Any, merge: Callable[[Any, Any], A
             transitions.append(built)
         for r in range(repeat):
             label = f"{name}{r + 1}" if repeat > 1 else name
+            if any(p.name == label for p in phases):
+                raise ConfigError(
+                    f"{where}.name={name!r} is invalid: phase {label!r} exists already; every phase needs a name "
+                    "of its own (the summary's phases list and the events name them)"
+                )
             phases.append(Phase(label, schedule, tuple(transitions), r, repeat, i))
     return phases
 
@@ -429,10 +444,13 @@ def check_phases(
     method: Method,
     model: nn.Module,
     seed: int,
-    steps_per_epoch: int,
+    steps_per_epoch: int | None,
     fresh_model: Callable[[int], nn.Module] | None,
 ) -> None:
     """Every transition can act where it stands; a config error names the first that cannot.
+
+    ``steps_per_epoch`` None (not known before the data is read): the steps a phase begins at are
+    not checked.
 
     ``phases.1.transitions.1=Rewind(step=500) is invalid: step=500 lies after the phase begins ...``
     """
@@ -442,7 +460,8 @@ def check_phases(
             model, method, seed, index, phase.repeat, phase.repeats, fresh_model=fresh_model
         )
         for j, transition in enumerate(phase.transitions):
-            problem = transition.problem(ctx, starts[index] * steps_per_epoch)
+            start = starts[index] * steps_per_epoch if steps_per_epoch is not None else None
+            problem = transition.problem(ctx, start)
             if problem is not None:
                 raise ConfigError(
                     f"phases.{phase.entry}.transitions.{j}={transition!r} is invalid: {problem}"

@@ -41,7 +41,7 @@ from structlearn.resume import (
     with_saved_overrides,
 )
 from structlearn.run_dir import RunDir
-from structlearn.runner import PRECISIONS, batch_sampler, method_settings, train
+from structlearn.runner import PRECISIONS, batch_sampler, check_phase_optimizers, method_settings, train
 from structlearn.utils import (
     ConfigError,
     JobKilled,
@@ -239,8 +239,8 @@ def _build(cfg: DictConfig, shape: tuple[tuple[int, ...], int] | None = None) ->
     input_shape, classes = shape if shape is not None else (data.input_shape, data.num_classes)
 
     def fresh_model(seed: int) -> Any:
-        """The model built anew, initialised from ``seed`` (the run's random streams untouched)."""
-        with torch.random.fork_rng(devices=[]):
+        """The model built anew, initialised from ``seed`` (the run's random streams, CUDA's too, untouched)."""
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(seed)
             return build(cfg.model, "model", input_shape=input_shape, num_classes=classes)
 
@@ -264,8 +264,11 @@ def _resolved(cfg: DictConfig, key: str) -> Any:
 
 
 def _merged(base: DictConfig, overrides: Any) -> dict[str, Any]:
-    """``base`` with ``overrides`` merged in, as plain containers (errors then name the caller's key)."""
-    return OmegaConf.to_container(OmegaConf.merge(base, overrides), resolve=True)
+    """``base`` with ``overrides`` merged in (new keys too), as plain containers (errors then name the caller's key)."""
+    plain = OmegaConf.create(
+        OmegaConf.to_container(base, resolve=True)
+    )  # not in struct mode: keys may be added
+    return OmegaConf.to_container(OmegaConf.merge(plain, overrides), resolve=True)
 
 
 def _check_objective_data(cfg: DictConfig, data: Any) -> None:
@@ -289,15 +292,16 @@ def validate(cfg: DictConfig) -> None:
     data, schedule, phases = objects["data"], objects["schedule"], objects["phases"]
     if data is not None:
         _check_objective_data(cfg, data)
-    steps = data.steps_per_epoch(schedule.batch_size) if data is not None else 1
+    steps = data.steps_per_epoch(schedule.batch_size) if data is not None else None  # unknown: files
     sampler = batch_sampler(data, schedule, cfg.seed) if data is not None else None
     epochs = boundaries(phases)[-1] if phases else schedule.epochs
-    plan = Plan(epochs, steps, cfg.seed, torch.device("cpu"), sampler)
+    plan = Plan(epochs, steps or 1, cfg.seed, torch.device("cpu"), sampler)
     with method_settings():  # the same errors as the job would give
         model = objects["method"].prepare(objects["model"], plan)
         objects["method"].configure_optimizers(model, schedule, plan)
     if phases:
         check_phases(phases, objects["method"], model, cfg.seed, steps, objects["fresh_model"])
+        check_phase_optimizers(phases, objects["method"], model, plan)
 
 
 def _file_dataset_shape(node: DictConfig) -> tuple[tuple[int, ...], int] | None:

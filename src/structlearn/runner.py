@@ -161,12 +161,13 @@ def train_step(
     return StepResult(loss, logits, extras, event)
 
 
-def _check_space(run_dir: Path, model: nn.Module, checkpoints: bool) -> None:
+def _check_space(run_dir: Path, model: nn.Module, checkpoints: bool, snapshots: int = 0) -> None:
     """Fail at the start when the disk cannot hold the run's records and checkpoints."""
     tensors = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    # a checkpoint: the model and up to two optimiser moments; written beside the previous one
-    need = (2 * (tensors + 2 * params) if checkpoints else 0) + 16 * 2**20
+    # a checkpoint: the model (and the snapshots a rewind needs) and up to two optimiser moments; written
+    # beside the previous one
+    need = (2 * ((1 + snapshots) * tensors + 2 * params) if checkpoints else 0) + 16 * 2**20
     free = shutil.disk_usage(run_dir).free
     if free < need:
         raise ConfigError(
@@ -215,6 +216,24 @@ def batch_sampler(data: InMemoryDataset, schedule: TrainSchedule, seed: int) -> 
         return list(itertools.islice(data.train_batches(schedule.batch_size, generator), n))
 
     return batches
+
+
+def check_phase_optimizers(phases: Sequence[Phase], method: Method, model: nn.Module, plan: Plan) -> None:
+    """Every phase's schedule builds the method's optimisers (before training; errors name the phase)."""
+    if len(phases) < 2:
+        return  # the run's own schedule: its optimisers are built (and checked) as the run begins
+    for phase in phases:
+        try:
+            with method_settings():
+                method.configure_optimizers(
+                    model, phase.schedule, dataclasses.replace(plan, epochs=phase.epochs)
+                )
+        except ConfigError as exc:
+            message = str(exc)
+            named = re.sub(r"^(method: )?schedule\.", f"phases.{phase.entry}.schedule.", message)
+            raise ConfigError(
+                named if named != message else f"phases.{phase.entry}.schedule: {message}"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -274,7 +293,9 @@ class _Loop:
         if resume is not None:  # the structure first (paths, masks): optimisers are built on it
             restore_network(model, method, resume)
         check_phases(phases, method, model, plan.seed, plan.steps_per_epoch, fresh_model)
-        _check_space(recorder.record.run_dir.path, model, checkpointing is not None)
+        check_phase_optimizers(phases, method, model, plan)
+        snapshots = len({s for phase in phases for s in phase.snapshot_steps})
+        _check_space(recorder.record.run_dir.path, model, checkpointing is not None, snapshots)
         flops = FlopMeter(data.input_shape)
         return cls(
             data,
@@ -338,10 +359,12 @@ class _Loop:
         if start:
             for slot in self.slots:
                 slot.lr_schedule = _shifted(slot.lr_schedule, start)
-        if begins or resume is None:
-            _check_slots(self.model, self.slots)
-        else:  # the layout the run had (a method may leave parameters out on purpose, e.g. new paths)
+        if not begins:  # resumed inside this phase: the layout the run had (a method may leave
+            # parameters out on purpose, e.g. new paths)
+            assert resume is not None
             restore_optimizers(self.model, self.slots, resume.optimizers)
+        elif index == 0:  # later phases: the method's own choice, checked as the run began
+            _check_slots(self.model, self.slots)
         if begins and phase.transitions and self.observe_flops(pos.step, pos.epoch * len(self.data.x_train)):
             state.flops = self.flops.state_dict()
 
