@@ -24,7 +24,7 @@ run: setup  ## train the default experiment (dense MLP on moons, CPU, seconds); 
 test: setup  ## the fast test suite (excludes tests marked slow or slurm)
 	$(BIN)/pytest -m "not slow and not slurm" -q
 
-test-slurm: setup  ## the tests through a SLURM cluster (sudo scripts/slurm_local.sh start first)
+test-slurm: setup  ## the tests through a SLURM cluster (as root: scripts/slurm_local.sh start first)
 	$(BIN)/pytest -m slurm -q -rs
 
 test-full: setup  ## every test, slow ones included

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine, for trying `hydra/launcher=slurm` and for the `slurm` tests.
 #
-#   sudo scripts/slurm_local.sh start    # install slurmctld, slurmd, slurm-client, munge if missing; configure; start
+#   scripts/slurm_local.sh start         # install slurmctld, slurmd, slurm-client, munge if missing; configure; start
 #   scripts/slurm_local.sh status        # "running: node <host> idle" or "stopped"
-#   sudo scripts/slurm_local.sh stop     # stop the daemons this script started (by their pid files)
+#   scripts/slurm_local.sh stop          # stop the daemons this script started (by their pid files)
 #
-# One node with this machine's CPUs and memory, one partition `debug`, no accounting, processes tracked by
-# /proc (no cgroups). The daemons run as root and keep their state, logs and pid files under
-# $SLURM_LOCAL_DIR (default /var/lib/structlearn-slurm). Idempotent: `start` on a running cluster and `stop` on
-# a stopped one say so and exit 0. Exit 2 with one line when it cannot run (not root, packages unreachable).
+# start and stop need root (sudo where you are not root). One node with this machine's CPUs and memory,
+# one partition `debug`, no accounting, processes tracked by /proc (no cgroups). The daemons run as root and
+# keep their state, logs and pid files under $SLURM_LOCAL_DIR (default /var/lib/structlearn-slurm).
+# Idempotent: `start` on a running cluster and `stop` on a stopped one say so and exit 0. Exit 2 with one
+# line when it cannot run (not root, packages unreachable).
 set -euo pipefail
 
 DIR="${SLURM_LOCAL_DIR:-/var/lib/structlearn-slurm}"
@@ -81,7 +82,7 @@ start_munge() {
 }
 
 start() {
-  [[ $EUID -eq 0 ]] || die "start needs root (it installs packages and starts daemons): sudo $0 start"
+  [[ $EUID -eq 0 ]] || die "start needs root (it installs packages and starts daemons): run it as root, e.g. sudo $0 start"
   if running; then say "already running: node $HOST $(node_state)"; return; fi
   mkdir -p "$DIR"
   install
@@ -100,7 +101,7 @@ start() {
 }
 
 stop() {
-  [[ $EUID -eq 0 ]] || die "stop needs root: sudo $0 stop"
+  [[ $EUID -eq 0 ]] || die "stop needs root: run it as root, e.g. sudo $0 stop"
   local stopped=0
   for daemon in slurmd slurmctld; do
     local pidfile="$DIR/$daemon.pid" pid=""

@@ -27,7 +27,7 @@ def test_every_config_group_has_options():
 @pytest.mark.parametrize("dataset", sorted(TOY_SIZES))
 @pytest.mark.parametrize("method", METHODS)
 def test_method_yaml_trains_on_toy_dataset(make_cfg, tmp_path, method, dataset):
-    phased = make_cfg(f"method={method}").get("phases") is not None
+    phased = "\nphases:" in (CONF / "method" / f"{method}.yaml").read_text()
     epochs = ["schedule.epochs=1"] if phased else []  # a run of phases: one epoch each
     cfg = make_cfg(f"method={method}", f"dataset={dataset}", *TINY, *TOY_SIZES[dataset], *epochs)
     summary = execute(cfg, tmp_path)
@@ -36,6 +36,10 @@ def test_method_yaml_trains_on_toy_dataset(make_cfg, tmp_path, method, dataset):
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == (len(summary["phases"]) if phased else 2)  # an evaluation per epoch
+    if phased:  # every phase config ends at the density it was given (DSD releases its masks: dense)
+        want = 1.0 if method == "dsd" else pytest.approx(0.1, abs=0.01)
+        assert summary["structure"]["density/sparse_layers"] == want
+        assert summary["phases"][0]["name"] == "dense" and 0 < summary["flops"]["training_fraction"] < 1
     assert all(math.isfinite(float(r["train_loss"])) and math.isfinite(float(r["test_loss"])) for r in rows)
     assert 0 < summary["params"]["effective"] <= summary["params"]["total"]
 

@@ -700,6 +700,7 @@ def _submitit_worker(sweep: Path, timeout: float = 60) -> int:
     raise AssertionError("no submitit worker process found")
 
 
+@pytest.mark.slow  # the real SLURM path is tested by tests/test_slurm.py (make test-slurm, in CI)
 def test_submitit_preemption_checkpoints_requeues_and_resumes(make_cfg, tmp_path):
     """As on a cluster: SIGTERM (bypassed by submitit), then the preemption signal (SIGUSR1 here).
 

@@ -33,10 +33,10 @@ from .conftest import PYTHON
 def _cluster_up() -> str | None:
     """Why the tests cannot run, or None when a SLURM node answers."""
     if not shutil.which("sinfo"):
-        return "no SLURM client (sinfo); start a local cluster with: sudo scripts/slurm_local.sh start"
+        return "no SLURM client (sinfo); start a local cluster (as root) with: scripts/slurm_local.sh start"
     out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30, check=False)
     if out.returncode != 0 or not any(s.startswith(("idle", "mix", "alloc")) for s in out.stdout.split()):
-        return f"no SLURM node is up ({(out.stderr or out.stdout).strip()[:100]}); sudo scripts/slurm_local.sh start"
+        return f"no SLURM node is up ({(out.stderr or out.stdout).strip()[:100]}); as root: scripts/slurm_local.sh start"
     return None
 
 
