@@ -385,6 +385,22 @@ def test_a_bypassed_signal_checkpoints_and_training_goes_on(
     _assert_same_run(tmp_path, reference)
 
 
+def test_the_sites_own_preemption_signal_is_watched_too(make_cfg, tmp_path, monkeypatch, caplog):
+    """SUBMITIT_PREEMPT_SIGNAL=INT (submitit's setting): SIGINT checkpoints and goes to the handler before."""
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "INT")
+    seen = []
+    monkeypatch.setattr(
+        structlearn.runner, "train_step", _step_then(4, lambda: os.kill(os.getpid(), signal.SIGINT))
+    )
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        summary = execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every_epochs=0"), tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.SIGINT] and summary["status"] == "completed"
+    assert "SIGINT received: checkpoint written; handing the signal on" in caplog.text
+
+
 @pytest.mark.parametrize("requeues", [True, False])
 def test_a_job_whose_handler_requeues_it_is_preempted_and_one_it_does_not_requeue_failed(
     make_cfg, tmp_path, monkeypatch, requeues

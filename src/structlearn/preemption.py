@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Sequence
@@ -18,13 +19,28 @@ class PreemptionGuard:
     step boundary, and one that arrives after the last step is dropped (the run completes).
 
     SLURM and submitit announce the end of a job with SIGTERM or a user signal (submitit uses
-    SIGUSR2 by default, SIGUSR1 in older setups). The handler only notes the signal; the loop
+    SIGUSR2 by default, SIGUSR1 in older setups, and the signal ``$SUBMITIT_PREEMPT_SIGNAL`` names
+    where a site sets one). The handler only notes the signal; the loop
     writes a checkpoint and then calls the handler that was installed before (submitit's, which
     requeues the job and exits), or exits with status 128 + signal if there was none. Handlers
     can only be set from the main thread; elsewhere the guard does nothing.
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+    SITE_SIGNAL = "SUBMITIT_PREEMPT_SIGNAL"  # submitit's setting for a site's own signal (USR2 by default)
+
+    @classmethod
+    def signals(cls) -> list[int]:
+        """The signals noted: SIGTERM, SIGUSR1, SIGUSR2 and the one ``$SUBMITIT_PREEMPT_SIGNAL`` names (``USR1``, ``INT``...)."""
+        names = list(cls.SIGNALS)
+        site = os.environ.get(cls.SITE_SIGNAL, "").strip().upper()
+        if site:
+            name = site if site.startswith("SIG") else f"SIG{site}"
+            if isinstance(getattr(signal, name, None), signal.Signals) and name not in names:
+                names.append(name)
+            elif name not in names:
+                log.warning("%s=%s names no signal; it is not watched", cls.SITE_SIGNAL, site)
+        return [getattr(signal, n) for n in names if getattr(signal, n, None) is not None]
 
     def __init__(self) -> None:
         self.pending: list[int] = []  # every signal noted since the last forward, in order
@@ -34,10 +50,8 @@ class PreemptionGuard:
 
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._previous[sig] = signal.signal(sig, self._note)
+            for sig in self.signals():
+                self._previous[sig] = signal.signal(sig, self._note)
         return self
 
     def __exit__(self, *exc: object) -> None:
