@@ -525,6 +525,8 @@ TOP_LEVEL = [
     case("+foo=1", "'foo' is not a structlearn setting"),
     case("threads=true", "must be an integer >= 1 or null"),
     case("density=abc", "must be in (0, 1]"),
+    case("tags=3", "must be a list of non-empty strings"),
+    case("tags=[a,3]", "must be a list of non-empty strings"),
 ]
 
 BATTERY = DATASET + MODEL + METHOD + SCHEDULE + ANALYSIS + CHECKPOINT + LOGGER + TOP_LEVEL

@@ -46,6 +46,7 @@ def test_wandb_offline_one_run_per_job_grouped_by_sweep_and_named_by_overrides(t
             "seed=0,1",
             "logger=wandb",
             "logger.wandb.mode=offline",
+            "tags=[study,v2]",
             "schedule.epochs=1",
             "dataset.n_samples=200",
             "device=cpu",
@@ -67,6 +68,8 @@ def test_wandb_offline_one_run_per_job_grouped_by_sweep_and_named_by_overrides(t
     assert {r.run_group for r in records} == {sweep.name}  # grouped by the sweep directory
     assert "seed=0" in records[0].display_name and "seed=1" in records[1].display_name
     assert all(r.project == "structlearn" for r in records)
+    assert all(list(r.tags) == ["study", "v2"] for r in records)  # the run's top-level tags
+    assert json.loads((sweep / "0" / "summary.json").read_text())["tags"] == ["study", "v2"]
 
 
 def test_wandb_failure_never_stops_training(make_cfg, tmp_path, monkeypatch):

@@ -85,6 +85,7 @@ TOP_LEVEL = (
     "method",
     "schedule",
     "phases",
+    "tags",
     "logger",
     "analysis",
     "checkpoint",
@@ -110,6 +111,14 @@ def _scalars(cfg: DictConfig) -> tuple[int, torch.device, str]:
         raise ConfigError(f"density={density!r} is invalid: must be in (0, 1] (the sparse methods' density)")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"threads={threads!r} is invalid: must be an integer >= 1 or null")
+    tags = cfg.get("tags")
+    if tags is not None and (
+        not isinstance(tags, ListConfig | list) or not all(isinstance(t, str) and t for t in tags)
+    ):
+        shown = list(tags) if isinstance(tags, ListConfig | list) else tags
+        raise ConfigError(
+            f"tags={shown!r} is invalid: must be a list of non-empty strings, e.g. tags=[baseline,v2]"
+        )
     _check_objective(cfg.get("optimized_metric"), cfg.get("failed_value"), _sweep_direction())
     device = resolve_device(cfg.device)
     if threads is not None:
@@ -223,7 +232,11 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
             names=_names(cfg),
             config=config,
             code=code_version(),
-            provenance={"git_sha": git_sha(), "versions": package_versions()},
+            provenance={
+                "tags": list(cfg.get("tags") or []),
+                "git_sha": git_sha(),
+                "versions": package_versions(),
+            },
             resume=start.checkpoint,
             **_sweep_identity(),
         )
