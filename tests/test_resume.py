@@ -278,7 +278,9 @@ def _reference(make_cfg, references: dict[str, Path], tmp_path_factory, name: st
 
 
 # the seed's PlasticNet variant differs from the plain one only in its optimiser layout: slow
-FAST_RUNS = [pytest.param(n, marks=pytest.mark.slow) if n == "plasticnet_untrained" else n for n in sorted(RUNS)]
+FAST_RUNS = [
+    pytest.param(n, marks=pytest.mark.slow) if n == "plasticnet_untrained" else n for n in sorted(RUNS)
+]
 
 
 @pytest.mark.parametrize("name", FAST_RUNS)
