@@ -84,9 +84,12 @@ def ticket_check(phases: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
-def selected(runs: pd.DataFrame, methods: tuple[str, ...] = FAMILY, label: str | None = None) -> pd.DataFrame:
-    """Validation-selected test accuracy of ``methods``: one row per run (keys, method or ``label``, ``acc``)."""
-    chosen = runs[runs["override:method"].isin(methods) & (runs["status"] == "completed")]
+def selected(
+    runs: pd.DataFrame, methods: tuple[str, ...] | None = FAMILY, label: str | None = None
+) -> pd.DataFrame:
+    """Validation-selected test accuracy of ``methods`` (None: all): one row per run (keys, method or ``label``, ``acc``)."""
+    done = runs["status"] == "completed"
+    chosen = runs[done & runs["override:method"].isin(methods)] if methods is not None else runs[done]
     out = pd.DataFrame({k: chosen[f"override:{k}"] for k in KEYS})
     out["method"] = label or chosen["override:method"]
     out["acc"] = pd.to_numeric(chosen["best.test_acc"])
@@ -142,9 +145,8 @@ def costs(runs: pd.DataFrame) -> pd.DataFrame:
     dense) cannot.
     """
     done = runs[runs["status"] == "completed"]
-    frame = pd.DataFrame({k: done[f"override:{k}"] for k in KEYS})
-    frame["method"] = done["override:method"]
-    frame["acc"] = 100 * pd.to_numeric(done["best.test_acc"])
+    frame = selected(runs, None)
+    frame["acc"] = 100 * frame["acc"]
     frame["inference"] = pd.to_numeric(done["flops.inference_fraction"])
     frame["flops"] = pd.to_numeric(done["flops.training"])
     dense = frame[frame["method"] == "dense"].groupby(["dataset", "seed"])["flops"].first()

@@ -98,17 +98,22 @@ class TransitionContext:
     @property
     def prunable(self) -> Any:
         """The method, whose masks change only between phases (:class:`~structlearn.methods.masked.Prunable`)."""
-        from structlearn.methods.masked import Prunable
-
-        if not isinstance(self.method, Prunable):
-            raise ValueError(NOT_PRUNABLE + type(self.method).__name__)
+        problem = not_prunable(self.method)
+        if problem is not None:
+            raise ValueError(problem)
         return self.method
 
 
-NOT_PRUNABLE = (
-    "needs a method with prunable masks (method=imp, imp_reinit, imp_random, oneshot, dsd, or "
-    "structlearn.methods.masked.Prunable), not "
-)
+def not_prunable(method: Method) -> str | None:
+    """Why ``method``'s masks cannot be changed between phases, or None when they can."""
+    from structlearn.methods.masked import Prunable
+
+    if isinstance(method, Prunable):
+        return None
+    return (
+        "needs a method with prunable masks (method=imp, imp_reinit, imp_random, oneshot, dsd, or "
+        f"structlearn.methods.masked.Prunable), not {type(method).__name__}"
+    )
 
 
 class Transition:
@@ -121,9 +126,7 @@ class Transition:
 
         The default: it needs a method with prunable masks.
         """
-        from structlearn.methods.masked import Prunable
-
-        return None if isinstance(ctx.method, Prunable) else NOT_PRUNABLE + type(ctx.method).__name__
+        return not_prunable(ctx.method)
 
     def apply(self, ctx: TransitionContext) -> dict[str, float]:
         raise NotImplementedError
@@ -355,6 +358,11 @@ class Phase:
         return {t.snapshot_step for t in self.transitions if t.snapshot_step is not None}
 
 
+def snapshot_steps(phases: Sequence[Phase]) -> frozenset[int]:
+    """The steps whose weights some phase's transitions rewind to."""
+    return frozenset(s for phase in phases for s in phase.snapshot_steps)
+
+
 def boundaries(phases: Sequence[Phase]) -> list[int]:
     """The epoch at which each phase begins, and the run's last epoch: ``[0, e1, e1 + e2, ...]``."""
     return [0, *itertools.accumulate(p.epochs for p in phases)]
@@ -384,7 +392,7 @@ def build_phases(entries: Any, schedule_node: Any, merge: Callable[[Any, Any], A
         return None
     if isinstance(entries, str | bytes) or not isinstance(entries, Sequence) or not len(entries):
         raise ConfigError(f"phases={entries!r} is invalid: must be a non-empty list of phases, or null")
-    base = build(schedule_node, "schedule")
+    batch_size = schedule_node["batch_size"]  # the run's (its schedule is built and checked by the caller)
     phases: list[Phase] = []
     for i, entry in enumerate(entries):
         where = f"phases.{i}"
@@ -405,10 +413,10 @@ def build_phases(entries: Any, schedule_node: Any, merge: Callable[[Any, Any], A
             raise ConfigError(
                 f"{where}.schedule={overrides!r} is invalid: must be a mapping of schedule keys"
             )
-        if "batch_size" in overrides and overrides["batch_size"] != base.batch_size:
+        if "batch_size" in overrides and overrides["batch_size"] != batch_size:
             raise ConfigError(
                 f"{where}.schedule.batch_size={overrides['batch_size']!r} is invalid: every phase trains with "
-                f"the run's schedule.batch_size={base.batch_size}"
+                f"the run's schedule.batch_size={batch_size}"
             )
         try:
             merged = merge(schedule_node, overrides)

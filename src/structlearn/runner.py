@@ -31,7 +31,14 @@ from structlearn import checkpoint as ckpt
 from structlearn.data.base import InMemoryDataset
 from structlearn.flops import FlopMeter
 from structlearn.methods.base import Method, OptimizerSlot, Plan, clip_gradients
-from structlearn.phases import Phase, TransitionContext, boundaries, check_phases, phase_of
+from structlearn.phases import (
+    Phase,
+    TransitionContext,
+    boundaries,
+    check_phases,
+    phase_of,
+    snapshot_steps,
+)
 from structlearn.preemption import PreemptionGuard
 from structlearn.recording import Recorder, RunInfo, Sink
 from structlearn.run_dir import RunDir
@@ -294,8 +301,9 @@ class _Loop:
             restore_network(model, method, resume)
         check_phases(phases, method, model, plan.seed, plan.steps_per_epoch, fresh_model)
         check_phase_optimizers(phases, method, model, plan)
-        snapshots = len({s for phase in phases for s in phase.snapshot_steps})
-        _check_space(recorder.record.run_dir.path, model, checkpointing is not None, snapshots)
+        _check_space(
+            recorder.record.run_dir.path, model, checkpointing is not None, len(snapshot_steps(phases))
+        )
         flops = FlopMeter(data.input_shape)
         return cls(
             data,
@@ -390,7 +398,7 @@ class _Loop:
 
     @functools.cached_property
     def snapshot_steps(self) -> frozenset[int]:
-        return frozenset(s for phase in self.phases for s in phase.snapshot_steps)
+        return snapshot_steps(self.phases)
 
     def restore(self, resume: Checkpoint | None) -> RunState:
         """The state to continue from: a fresh one, or the checkpoint's (its record and generators too)."""
