@@ -56,7 +56,11 @@ from structlearn.utils import (
 )
 
 log = logging.getLogger("structlearn")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The configs ship inside the package (structlearn/conf, the checkout's conf/ links to it), so an
+# installed wheel finds them; Hydra reads them as the package's resources. Users add their own
+# config directories with hydra.searchpath=[file:///path/to/configs].
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+CONF_PACKAGE = "pkg://structlearn.conf"
 
 # A random id, drawn once per process and cached, in every run and sweep directory name: two
 # runs started in the same second (or on two machines) never share a directory. Hydra copies the
@@ -414,7 +418,7 @@ def objective(summary: dict[str, Any], path: str | None, failed_value: float | N
     return float(value)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="config")
 def app(cfg: DictConfig) -> float | None:
     """Run one job. A single run that diverges exits with status 3; in a multirun, a job that fails
     or diverges does so alone and the sweep goes on (a sweeper reads ``failed_value`` for it)."""
