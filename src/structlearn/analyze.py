@@ -15,7 +15,6 @@ collected in ``profiles.csv`` and their z-score profiles drawn side by side in `
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from structlearn.analysis.structure import EXPORTS, StructureAnalysis, analyse
 from structlearn.methods.base import Method, Plan
 from structlearn.run_dir import RunDir
 from structlearn.run_state import Checkpoint, restore_network
-from structlearn.utils import ConfigError, build
+from structlearn.utils import ConfigError, OneLineParser, build
 
 SHOWN = (
     "edges",
@@ -68,15 +67,29 @@ def _job_order(path: Path) -> tuple[int, str]:
     return (int(name), name) if name.isdigit() else (sys.maxsize, name)
 
 
-def load_network(path: Path) -> tuple[torch.nn.Module, Method, Checkpoint]:
-    """The model and method of a checkpoint, rebuilt from its config and restored (on the CPU).
+def load_network(
+    path: Path, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, Method, Checkpoint]:
+    """The model and method of a checkpoint, rebuilt from its config and restored on ``device``.
 
     Returns:
-        ``(model, method, checkpoint)``; the model is the network the checkpoint names: the final
-        network of a finished run (a checkpoint of a run's end written before the method's
-        finalisation is finalised here, the way the run did it).
+        ``(model, method, checkpoint)``; the model is the network the checkpoint names (see
+        :func:`rebuild_network`).
     """
     saved = Checkpoint.load(path)
+    model, method = rebuild_network(saved, device)
+    return model, method, saved
+
+
+def rebuild_network(saved: Checkpoint, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Method]:
+    """The model (in eval mode) and method of a loaded checkpoint, built from its config and restored.
+
+    They are built as the runner builds them (the model on ``device``, then the method's
+    ``prepare``, then the checkpoint's state), and the model is the network the checkpoint names:
+    the final network of a finished run (a checkpoint of a run's end written before the method's
+    finalisation is finalised here, the way the run did it).
+    """
+    device = torch.device(device)
     cfg = OmegaConf.create(saved.config)
     model = build(
         cfg.model,
@@ -85,12 +98,12 @@ def load_network(path: Path) -> tuple[torch.nn.Module, Method, Checkpoint]:
         num_classes=saved.data["num_classes"],
     )
     method = build(cfg.method, "method")
-    model = method.prepare(model, Plan(device=torch.device("cpu"), **saved.plan))
+    model = method.prepare(model.to(device), Plan(device=device, **saved.plan))
     restore_network(model, method, saved)
     model.eval()
     if saved.at_end and not saved.finalized:
         method.finalize(model)
-    return model, method, saved
+    return model, method
 
 
 def label_of(saved: Checkpoint) -> str:
@@ -123,7 +136,7 @@ def analyse_checkpoint(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="structlearn-analyze",
         description="Motif census, structural balance and z-scores of the networks in saved checkpoints.",
     )

@@ -33,7 +33,6 @@ nothing are one line on stderr, ``structlearn-report: error: ...``, and exit sta
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -43,14 +42,14 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from structlearn.plotting import figure
 from structlearn.run_dir import RunDir
-from structlearn.utils import ConfigError, flatten
+from structlearn.utils import ConfigError, OneLineParser, flatten
 
 PAIR_KEY = "seed"
 MIN_PAIRS = 3  # fewer paired seeds: no p-value, no confidence interval
@@ -998,19 +997,12 @@ def report(
     return paths
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line too (``structlearn-report: error: ...``, exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``structlearn-report SWEEP_DIR [--by KEY ...] [--metric M] [--baseline key=value] [--out DIR]``.
 
     Returns 0; a report that cannot be made prints one line on stderr and exits with status 2.
     """
-    parser = _Parser(prog="structlearn-report", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="structlearn-report", description=__doc__.splitlines()[0])
     parser.add_argument("root", help="a multirun directory (or any folder of run directories)")
     parser.add_argument("--by", nargs="*", help="override keys to group by (default: those that vary)")
     parser.add_argument("--metric", default="final.test_acc", help="summary column to compare")
