@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+import numbers
 import os
 import secrets
 import sys
@@ -344,6 +346,14 @@ class WandbSink:
     (``wandb sync``). W&B's files go under the run directory, or under ``WANDB_DIR`` when that
     environment variable is set (W&B's own setting for where its files go).
 
+    The evaluation rows are plotted against ``epoch`` (W&B's ``define_metric``; the rows are still
+    logged at the optimiser step, like the live training metrics and the events), and the run's
+    W&B summary keeps the best of each accuracy (``max``) and loss (``min``) over the rows. At the
+    end the summary also gets the run's results flattened with ``/`` keys: ``final/``, ``best/``,
+    ``params/``, ``flops/``, ``structure/`` (the method's structure metrics, e.g. the URN's read-out)
+    and ``structure_analysis/`` (motif counts and z-scores, balance, topology), e.g.
+    ``structure_analysis/z/ffl``; an undefined number (a null or NaN z-score) is left out.
+
     Args:
         project: W&B project.
         entity: W&B entity (team or user), or None for the default.
@@ -354,6 +364,11 @@ class WandbSink:
         log_images: upload the PNG files the method wrote as media at the end.
         init_timeout: seconds an online start may wait for the W&B server before the run is
             logged offline instead (W&B's ``init_timeout`` setting), > 0.
+        job_type: the W&B run's job type (a non-empty string).
+        log_artifacts: at the end, log ``checkpoint.pt`` as a W&B artifact of type ``model``
+            (``model-<run id>``) and the files the run wrote about its structure (the summary's
+            ``artifacts``: graph files, masks, read-outs, pictures) as one of type ``graph``
+            (``graph-<run id>``). Off by default: checkpoints can be large.
     """
 
     def __init__(
@@ -365,6 +380,8 @@ class WandbSink:
         group: str | None = None,
         log_images: bool = True,
         init_timeout: float = 30.0,
+        job_type: str = "train",
+        log_artifacts: bool = False,
     ) -> None:
         mode = mode or os.environ.get("WANDB_MODE") or "offline"
         check(mode in WANDB_MODES, "mode", mode, f"must be one of {WANDB_MODES}")
@@ -376,9 +393,19 @@ class WandbSink:
             init_timeout,
             "must be a number of seconds > 0",
         )
+        check(
+            isinstance(job_type, str) and job_type.strip() == job_type != "",
+            "job_type",
+            job_type,
+            "must be a non-empty string without surrounding spaces",
+        )
+        check(isinstance(log_artifacts, bool), "log_artifacts", log_artifacts, "must be true or false")
         self.project, self.entity, self.mode = project, entity, mode
         self.tags, self.group, self.log_images = list(tags), group, log_images
         self.init_timeout = float(init_timeout)
+        self.job_type, self.log_artifacts = job_type, log_artifacts
+        self._defined: set[str] = set()  # row metrics already given to define_metric
+        self._run_dir: Path | None = None
         self._run: Any = None  # None once W&B failed: no more logging
         self._to_finish: Any = None  # the run to finish, even after a failure
 
@@ -398,7 +425,7 @@ class WandbSink:
             return None
 
     def start(self, info: RunInfo) -> None:
-        self._run = None
+        self._run, self._run_dir = None, Path(info.run_dir)
         try:
             import wandb
 
@@ -414,7 +441,7 @@ class WandbSink:
                 "tags": self.tags,
                 "group": self.group or info.group,
                 "name": info.job_name or info.run_dir.name,
-                "job_type": "train",
+                "job_type": self.job_type,
                 "dir": os.environ.get("WANDB_DIR") or str(info.run_dir),
                 "config": dict(info.config),
                 "reinit": "finish_previous",
@@ -431,6 +458,9 @@ class WandbSink:
             else:
                 log.warning("W&B could not start (%s); training goes on without it", self._why(exc))
         self._to_finish = self._run
+        self._defined = set()
+        # The evaluation rows are plotted against their epoch (each row carries it).
+        self._guard("define_metric", lambda: self._run.define_metric("epoch"))
 
     def _start_offline(self, wandb: Any, options: dict[str, Any], online_error: Exception) -> None:
         """The online start failed: log the run offline instead, and say so in one line."""
@@ -464,7 +494,16 @@ class WandbSink:
         self._guard("log", lambda: self._run.log({f"train/{k}": v for k, v in metrics.items()}, step=step))
 
     def log(self, row: Mapping[str, float], step: int) -> None:
+        self._guard("define_metric", self._define, row)
         self._guard("log", lambda: self._run.log(dict(row), step=step))
+
+    def _define(self, row: Mapping[str, float]) -> None:
+        """Each row metric, the first time it is seen: plotted against ``epoch``, best kept in the summary."""
+        for key in row:
+            if key == "epoch" or key in self._defined:
+                continue
+            self._run.define_metric(key, step_metric="epoch", summary=_row_summary(key))
+            self._defined.add(key)
 
     def event(self, event: Mapping[str, float], step: int) -> None:
         self._guard("log", lambda: self._run.log({f"event/{k}": v for k, v in event.items()}, step=step))
@@ -478,13 +517,15 @@ class WandbSink:
             import wandb
 
             flat = {k: v for k, v in summary.items() if isinstance(v, int | float | str | bool)}
-            for part in ("final", "best", "params", "before_finalize", "structure"):
-                flat.update({f"{part}/{k}": v for k, v in (summary.get(part) or {}).items()})
+            for part in _SUMMARY_PARTS:
+                flat.update(_flat_summary(summary.get(part), part))
             run.summary.update(flat)
             if self.log_images:
                 images = [p for p in summary.get("artifacts", []) if str(p).endswith(".png")]
                 if images:
                     run.log({Path(p).stem: wandb.Image(str(p)) for p in images})
+            if self.log_artifacts and self._run_dir is not None:
+                self._log_artifacts(wandb, run, self._run_dir, summary)
 
         try:
             self._guard("summary", _close)
@@ -495,3 +536,65 @@ class WandbSink:
             except Exception as exc:
                 log.warning("W&B finish failed (%s)", self._why(exc))
             self._run = None
+
+    @staticmethod
+    def _log_artifacts(wandb: Any, run: Any, run_dir: Path, summary: Mapping[str, Any]) -> None:
+        """The checkpoint (type ``model``) and the run's structure files (type ``graph``), those that exist."""
+        checkpoint = RunDir(run_dir).checkpoint
+        if checkpoint.is_file():
+            about = {k: summary.get(k) for k in ("status", "epochs_completed", "method", "dataset", "model")}
+            model = wandb.Artifact(f"model-{run.id}", type="model", metadata=about)
+            model.add_file(str(checkpoint), name=checkpoint.name)
+            run.log_artifact(model)
+        files = [Path(p) for p in summary.get("artifacts") or [] if Path(p).is_file()]
+        if files:
+            graph = wandb.Artifact(f"graph-{run.id}", type="graph")
+            for path in files:  # under their path in the run directory (structure/graph.npz...)
+                inside = path.resolve().is_relative_to(run_dir.resolve())
+                graph.add_file(
+                    str(path),
+                    name=str(path.resolve().relative_to(run_dir.resolve())) if inside else path.name,
+                )
+            run.log_artifact(graph)
+
+
+# The parts of summary.json that go into the W&B summary, flattened with "/" keys.
+_SUMMARY_PARTS = ("final", "best", "params", "before_finalize", "flops", "structure", "structure_analysis")
+
+
+def _row_summary(key: str) -> str | None:
+    """What the W&B summary keeps of a row metric: the best accuracy, the lowest loss, else the last value.
+
+    Test metrics keep their last value: a best-over-epochs test accuracy is selection on test data (the
+    run's selected test accuracy is ``best/test_acc``, chosen on validation data).
+    """
+    if key.startswith("test_"):
+        return None
+    if key.endswith("_acc"):
+        return "max"
+    if key.endswith("_loss"):
+        return "min"
+    return None
+
+
+def _flat_summary(tree: Any, prefix: str) -> dict[str, Any]:
+    """A summary part as one level of ``prefix/key`` entries for the W&B summary.
+
+    Numbers and strings are kept (numpy scalars as Python numbers), mappings are flattened with
+    ``/``, a list of numbers or strings becomes one JSON string; nulls, NaN and infinities (an
+    undefined z-score, a diverged loss: null in ``summary.json`` too) and anything else are left out.
+    """
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat_summary(value, f"{prefix}/{key}"))
+        return out
+    if isinstance(tree, bool | str):
+        return {prefix: tree}
+    if isinstance(tree, numbers.Integral):
+        return {prefix: int(tree)}
+    if isinstance(tree, numbers.Real):
+        return {prefix: float(tree)} if math.isfinite(tree) else {}
+    if isinstance(tree, list | tuple) and all(isinstance(v, str | int | float) for v in tree):
+        return {prefix: json.dumps(list(tree))}
+    return {}
