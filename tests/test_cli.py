@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -86,29 +87,42 @@ def test_invalid_value_stops_with_one_line_and_nonzero_exit(tmp_path):
 
 
 def test_unknown_device_and_unknown_group_option(tmp_path):
-    proc = cli(*FAST, "device=tpu", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "structlearn: error: device='tpu' is invalid: must be one of 'auto', 'cpu'" in proc.stderr
-    # Hydra's own errors, one line each with exit 2 like every other bad input
-    for args, message in (
+    cases = (
+        ([*FAST, "device=tpu"], "structlearn: error: device='tpu' is invalid: must be one of 'auto', 'cpu'"),
+        # Hydra's own errors, one line each with exit 2 like every other bad input
         (
             ["method=nonexistent"],
             "could not find 'method/nonexistent'; the options of 'method' are dense, dsd, gmp,",
         ),
         (["foo.bar=1"], "Could not override 'foo.bar'; To append to your config use +foo.bar=1"),
         (["+foo=1", *FAST], "foo=1 is invalid: 'foo' is not a structlearn setting"),
-    ):
-        proc = cli(*args, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    )
+
+    def run(i: int) -> subprocess.CompletedProcess:
+        return cli(*cases[i][0], f"hydra.run.dir={tmp_path / str(i)}", cwd=tmp_path)
+
+    with ThreadPoolExecutor(2) as pool:  # two interpreters at once: the file stays fast
+        procs = list(pool.map(run, range(len(cases))))
+    for proc, (_, message) in zip(procs, cases, strict=True):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
 
 
 def test_a_failed_job_does_not_take_its_sweep_down(tmp_path):
-    sweep = tmp_path / "sweep"
-    grid = ["-m", "method=static", "method.density=1.5,0.5", *FAST, "logger=none", f"hydra.sweep.dir={sweep}"]
+    checked, sweep = tmp_path / "checked", tmp_path / "sweep"
+    grid = ["-m", "method=static", "method.density=1.5,0.5", *FAST, "logger=none"]
+    with ThreadPoolExecutor(2) as pool:  # two sweeps at once: the file stays fast
+        first = pool.submit(cli, *grid, f"hydra.sweep.dir={checked}", cwd=tmp_path)
+        second = pool.submit(
+            cli,
+            *grid,
+            f"hydra.sweep.dir={sweep}",
+            "hydra.callbacks.output_dir_check.preflight=false",
+            cwd=tmp_path,
+        )
     # pre-flight (on by default) finds the bad cell before anything runs, one line per bad job
-    proc = cli(*grid, cwd=tmp_path)
-    assert proc.returncode == 2 and not (sweep / "0").exists()
+    proc = first.result()
+    assert proc.returncode == 2 and not (checked / "0").exists()
     assert proc.stderr.strip().splitlines() == [
         "structlearn: error: 1 of 2 jobs are invalid; nothing was launched (check skipped with "
         "hydra.callbacks.output_dir_check.preflight=false):",
@@ -116,7 +130,7 @@ def test_a_failed_job_does_not_take_its_sweep_down(tmp_path):
         "method.density=1.5 is invalid: must be in (0, 1]",
     ]
     # without it, the bad job fails alone
-    proc = cli(*grid, "hydra.callbacks.output_dir_check.preflight=false", cwd=tmp_path)
+    proc = second.result()
     assert proc.returncode == 2  # the sweep reports that a job failed, in one line and no traceback...
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (

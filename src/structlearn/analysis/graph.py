@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.fx
@@ -734,6 +733,8 @@ def write_graph(graph: SignedGraph, path: str | Path) -> Path:
     elif suffix in EDGE_LIST_SUFFIXES:
         src, dst, weight = graph.edges()
         table = {"source": src, "target": dst, "weight": weight, "sign": graph.signs}
+        import pandas as pd  # here: the training loop imports this module and never writes tables
+
         pd.DataFrame(table).to_csv(path, index=False)
     elif suffix == ".npz":
         arrays = {
