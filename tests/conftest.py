@@ -147,3 +147,9 @@ def label_colours(labels: np.ndarray) -> np.ndarray:
 def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CIFAR-10 folder outside ``tmp_path``, which tests use as a run directory."""
     return write_cifar10_folder(tmp_path_factory.mktemp("cifar"), n_train=50, n_test=20, pixels=label_colours)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``gpu`` need CUDA: skipped, with the reason, where there is none."""
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (marked gpu)")

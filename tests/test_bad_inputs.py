@@ -39,7 +39,19 @@ from structlearn.utils import ConfigError, build
 
 from .test_cli import cli
 
-GROUPS = {"dataset", "model", "method", "schedule", "logger", "analysis", "checkpoint", "experiment"}
+GROUPS = {
+    "dataset",
+    "model",
+    "method",
+    "schedule",
+    "logger",
+    "analysis",
+    "checkpoint",
+    "experiment",
+    "early_stopping",
+    "debug",
+    "paths",
+}
 PARSER = OverridesParser.create()
 
 
@@ -527,6 +539,19 @@ TOP_LEVEL = [
     case("density=abc", "must be in (0, 1]"),
     case("tags=3", "must be a list of non-empty strings"),
     case("tags=[a,3]", "must be a list of non-empty strings"),
+    case("deterministic=sometimes", "must be true or false"),
+    case("profile=1", "must be true or false"),
+    case("limit.train=0", "must be an integer >= 1 or null"),
+    case("limit.eval=abc", "must be an integer >= 1 or null"),
+    case("precision=fp8", "must be one of ('fp32', 'tf32', 'bf16', 'fp16')"),
+    case("early_stopping=val_loss early_stopping.patience=0", "must be an integer >= 1"),
+    case("early_stopping=val_acc early_stopping.metric=test_acc", "must be one of ('val_loss', 'val_acc')"),
+    case("early_stopping=val_loss early_stopping.min_delta=-1", "must be a number >= 0"),
+    case(
+        "early_stopping=val_loss dataset.val_fraction=0",
+        "the dataset has no validation split",
+        prefix="early_stopping.metric='val_loss' is invalid: ",
+    ),
 ]
 
 BATTERY = DATASET + MODEL + METHOD + SCHEDULE + ANALYSIS + CHECKPOINT + LOGGER + TOP_LEVEL

@@ -773,3 +773,41 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(make_cfg, tmp_path):
     assert len(files) == 2  # one W&B process per start...
     ids = {run.run_id for f in files for run in read_wandb_runs(f)}
     assert ids == {(tmp_path / "wandb_run_id").read_text().strip()}  # ...logging into one W&B run
+
+
+# Runs whose state goes beyond the method's: an fp16 loss scale (its scale and growth tracker), and early
+# stopping, decided from the metrics recorded so far (a resumed run stops where the uninterrupted one did).
+EXTRA = {
+    "fp16": ["method=rigl", "dataset=moons", *TOY_SIZES["moons"], "precision=fp16", "method.update_every=3"],
+    "early_stop": [
+        "method=dense",
+        "dataset=moons",
+        *TOY_SIZES["moons"],
+        "early_stopping=val_loss",
+        "early_stopping.patience=1",
+        "schedule.optimizer.lr=0.3",  # too high: the validation loss soon stops improving
+        "schedule.epochs=12",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA))
+def test_fp16_and_early_stopping_runs_resume_exactly(make_cfg, tmp_path, name):
+    reference = tmp_path / "reference"
+    summary = execute(make_cfg(*BASE, *EXTRA[name]), reference)
+    assert summary["status"] == "completed", summary.get("error")
+    if name == "early_stop":
+        stop = summary["stopped_early"]
+        assert 1 < stop["epoch"] < 12 and summary["epochs_completed"] == stop["epoch"]
+        kills = [("checkpoint", stop["epoch"]), ("summary", 1)]  # the checkpoint of the stop, then after it
+    else:
+        assert summary["grad_scale"] > 0
+        kills = [("step", 5)]
+    for i, (kind, n) in enumerate(kills):
+        run_dir = tmp_path / f"{kind}{i}"
+        _killed_run([*BASE, *EXTRA[name]], run_dir, kind, n)
+        summary = execute(make_cfg(*BASE, *EXTRA[name], f"resume={run_dir}"), run_dir)
+        assert summary["status"] == "completed", summary.get("error")
+        _assert_same_run(run_dir, reference)
+        for key in ("stopped_early", "grad_scale"):
+            assert summary.get(key) == json.loads((reference / "summary.json").read_text()).get(key)

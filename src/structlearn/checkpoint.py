@@ -41,6 +41,9 @@ RESUMABLE_DIFFERENCES = (
     "device",
     "dataset.root",  # where the data lives on this node
     "dataset.download",
+    "paths",  # where the project, its data and outputs live on this machine
+    "print_config",
+    "profile",
 )
 
 

@@ -70,17 +70,36 @@ if not OmegaConf.has_resolver("unique_id"):
 # Phase configs scale the run's values: lr: ${mul:${schedule.optimizer.lr},0.1}
 if not OmegaConf.has_resolver("mul"):
     OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+# paths.root: $STRUCTLEARN_ROOT, else the project's top (a .project-root file at or above the working
+# directory), else the working directory; outputs then go to one place wherever a command starts.
+if not OmegaConf.has_resolver("project_root"):
+    OmegaConf.register_new_resolver("project_root", lambda: str(project_root()))
 # hydra.run.dir: the run being resumed (resume=<dir>) continues in its own directory.
 if not OmegaConf.has_resolver("resume_or"):
     OmegaConf.register_new_resolver("resume_or", lambda resume, new: str(resume) if resume else new)
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """``$STRUCTLEARN_ROOT``, else the nearest folder at or above ``cwd`` holding ``.project-root``, else ``cwd``."""
+    env = os.environ.get("STRUCTLEARN_ROOT")
+    if env:
+        return Path(env).expanduser().resolve()
+    here = (cwd or Path.cwd()).resolve()
+    return next((p for p in (here, *here.parents) if (p / ".project-root").is_file()), here)
 
 
 TOP_LEVEL = (
     "seed",
     "device",
     "precision",
+    "deterministic",
     "density",
     "threads",
+    "limit",
+    "profile",
+    "print_config",
+    "early_stopping",
+    "paths",
     "optimized_metric",
     "failed_value",
     "resume",
@@ -123,11 +142,47 @@ def _scalars(cfg: DictConfig) -> tuple[int, torch.device, str]:
         raise ConfigError(
             f"tags={shown!r} is invalid: must be a list of non-empty strings, e.g. tags=[baseline,v2]"
         )
+    for flag in ("deterministic", "profile", "print_config"):
+        if not isinstance(cfg.get(flag, False), bool):
+            raise ConfigError(f"{flag}={cfg.get(flag)!r} is invalid: must be true or false")
+    _check_limit(cfg.get("limit"))
     _check_objective(cfg.get("optimized_metric"), cfg.get("failed_value"), _sweep_direction())
     device = resolve_device(cfg.device)
     if threads is not None:
         torch.set_num_threads(threads)
     return seed, device, precision
+
+
+def _check_limit(limit: Any) -> None:
+    """``limit``: null, or ``train`` and ``eval`` each null or a number of examples >= 1."""
+    if limit is None:
+        return
+    if not isinstance(limit, DictConfig | dict) or set(limit) - {"train", "eval"}:
+        raise ConfigError(
+            f"limit={_plain(limit)!r} is invalid: must be null or {{train: N, eval: N}} (each null or an "
+            "integer >= 1)"
+        )
+    for key in ("train", "eval"):
+        n = limit.get(key)
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ConfigError(f"limit.{key}={n!r} is invalid: must be an integer >= 1 or null (all the data)")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node) if isinstance(node, DictConfig | ListConfig) else node
+
+
+def apply_determinism(deterministic: bool) -> None:
+    """``deterministic=true``: torch's deterministic algorithms only, cuDNN without autotuning, cuBLAS's fixed workspace.
+
+    An operation that has no deterministic implementation then raises instead of running. cuBLAS reads
+    ``CUBLAS_WORKSPACE_CONFIG`` when CUDA starts, so it is set here, before any CUDA work.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
 
 
 OBJECTIVE_PARTS = ("final", "best", "before_finalize")
@@ -214,9 +269,11 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
             log.info("%s already %s; nothing to do", run_dir.path, start.finished["status"])
             return start.finished
         run_dir.mark(_overrides(), config)
+        show_config(cfg, run_dir)
         try:
             seed, device, precision = _scalars(cfg)
             torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+            apply_determinism(bool(cfg.get("deterministic", False)))
             seed_everything(seed)
             objects = _build(cfg)
             _check_objective_data(cfg, objects["data"])
@@ -227,23 +284,25 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
                     run_dir.summary, {"status": "failed", "error": error, "seed": cfg.get("seed")}
                 )
             raise
-        return train(
-            **objects,
-            run_dir=run_dir,
-            seed=seed,
-            device=device,
-            precision=precision,
-            names=_names(cfg),
-            config=config,
-            code=code_version(),
-            provenance={
-                "tags": list(cfg.get("tags") or []),
-                "git_sha": git_sha(),
-                "versions": package_versions(),
-            },
-            resume=start.checkpoint,
-            **_sweep_identity(),
-        )
+        with profiling(run_dir, bool(cfg.get("profile", False)), device):
+            return train(
+                **objects,
+                run_dir=run_dir,
+                seed=seed,
+                device=device,
+                precision=precision,
+                names=_names(cfg),
+                config=config,
+                code=code_version(),
+                provenance={
+                    "tags": list(cfg.get("tags") or []),
+                    "deterministic": bool(cfg.get("deterministic", False)),
+                    "git_sha": git_sha(),
+                    "versions": package_versions(),
+                },
+                resume=start.checkpoint,
+                **_sweep_identity(),
+            )
 
 
 def _build(cfg: DictConfig, shape: tuple[tuple[int, ...], int] | None = None) -> dict[str, Any]:
@@ -253,6 +312,8 @@ def _build(cfg: DictConfig, shape: tuple[tuple[int, ...], int] | None = None) ->
     built for that shape: the pre-flight of datasets read from files.
     """
     data = build(cfg.dataset, "dataset") if shape is None else None
+    if data is not None and cfg.get("limit"):
+        data.limit(cfg.limit.get("train"), cfg.limit.get("eval"))
     input_shape, classes = shape if shape is not None else (data.input_shape, data.num_classes)
 
     def fresh_model(seed: int) -> Any:
@@ -271,7 +332,73 @@ def _build(cfg: DictConfig, shape: tuple[tuple[int, ...], int] | None = None) ->
         "sinks": [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()],
         "analysis": build(cfg.analysis, "analysis") if cfg.get("analysis") else None,
         "checkpointing": build(cfg.checkpoint, "checkpoint") if cfg.get("checkpoint") else None,
+        "early_stopping": build(cfg.early_stopping, "early_stopping") if cfg.get("early_stopping") else None,
     }
+
+
+GROUPS_FIRST = ("dataset", "model", "method", "schedule", "phases", "early_stopping", "logger", "analysis")
+
+
+def config_tree(cfg: DictConfig) -> str:
+    """The composed config as a tree: the groups first (in the order a run uses them), then the settings."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # the run reports what fails to resolve; show it as written
+        plain = OmegaConf.to_container(cfg, resolve=False)
+    order = [k for k in GROUPS_FIRST if k in plain] + [k for k in plain if k not in GROUPS_FIRST]
+    lines = ["config"]
+
+    def branch(node: Any, prefix: str) -> None:
+        items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        for i, (key, value) in enumerate(items):
+            last = i == len(items) - 1
+            joint, below = ("└── ", "    ") if last else ("├── ", "│   ")
+            if isinstance(value, dict | list) and value and not _flat_list(value):
+                lines.append(f"{prefix}{joint}{key}")
+                branch(value, prefix + below)
+            else:  # YAML's spelling: strings bare, true/false/null, short lists inline
+                shown = value if isinstance(value, str) and value else json.dumps(value)
+                lines.append(f"{prefix}{joint}{key}: {shown}")
+
+    branch({k: plain[k] for k in order}, "")
+    return "\n".join(lines) + "\n"
+
+
+def _flat_list(value: Any) -> bool:
+    return isinstance(value, list) and not any(isinstance(v, dict | list) for v in value)
+
+
+def show_config(cfg: DictConfig, run_dir: RunDir) -> None:
+    """Save the config tree in the run directory; print it at the start of a single run (``print_config``)."""
+    tree = config_tree(cfg)
+    (run_dir / CONFIG_TREE).write_text(tree)
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if cfg.get("print_config", True) is True and not multirun:
+        print(tree, end="", flush=True)
+
+
+CONFIG_TREE = "config_tree.txt"
+
+
+@contextlib.contextmanager
+def profiling(run_dir: RunDir, enabled: bool, device: torch.device) -> Iterator[None]:
+    """``profile=true``: the torch profiler over the run; ``profile/trace.json`` and ``profile/ops.txt`` at its end."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield
+    out = run_dir / "profile"
+    out.mkdir(exist_ok=True)
+    prof.export_chrome_trace(str(out / "trace.json"))
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    (out / "ops.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+    log.info(
+        "profile: %s (trace.json: chrome://tracing or ui.perfetto.dev; ops.txt: operators by own time)", out
+    )
 
 
 def _resolved(cfg: DictConfig, key: str) -> Any:
@@ -289,6 +416,13 @@ def _merged(base: DictConfig, overrides: Any) -> dict[str, Any]:
 
 
 def _check_objective_data(cfg: DictConfig, data: Any) -> None:
+    """Objectives and early stopping that read validation data need a dataset that has some."""
+    stopping = cfg.get("early_stopping")
+    if stopping and not data.has_val:
+        raise ConfigError(
+            f"early_stopping.metric={stopping.get('metric')!r} is invalid: the dataset has no validation split "
+            "(dataset.val_fraction or dataset.val_size is 0); hold out a validation split or early_stopping=none"
+        )
     metric = cfg.get("optimized_metric")
     if metric and "val_" in str(metric) and not data.has_val:
         raise ConfigError(

@@ -27,7 +27,7 @@ from structlearn.utils import check
 
 METRIC_KEYS = ("test_acc", "test_loss", "train_loss", "train_acc")
 VAL_KEYS = ("val_acc", "val_loss")
-OPTIONAL_KEYS = ("phases",)  # checkpoint keys added later; older checkpoints lack them
+OPTIONAL_KEYS = ("phases", "scaler")  # checkpoint keys added later; older checkpoints lack them
 
 
 @dataclass(frozen=True)
@@ -250,6 +250,7 @@ class Checkpoint:
         elapsed_s: wall time so far.
         phases: ``{"begun", "snapshots"}``: phases whose transitions ran, the weights a rewind needs
             (None in checkpoints of one-phase runs written before phases existed).
+        scaler: the fp16 loss scaler's state (None in other precisions).
     """
 
     config: dict[str, Any]
@@ -270,6 +271,7 @@ class Checkpoint:
     results: dict[str, Any]
     elapsed_s: float
     phases: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
 
     @classmethod
     def capture(
@@ -282,6 +284,7 @@ class Checkpoint:
         data: Mapping[str, Any],
         record: Mapping[str, Any],
         identity: Mapping[str, Any],
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Checkpoint:
         """A snapshot of a run: its state, network, optimisers, generators and record."""
         return cls(
@@ -306,6 +309,7 @@ class Checkpoint:
             results={**state.results(), "flops_meter": state.flops},
             elapsed_s=state.elapsed,
             phases={"begun": state.phases_begun, "snapshots": state.snapshots},
+            scaler=scaler.state_dict() if scaler is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

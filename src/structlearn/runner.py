@@ -44,17 +44,18 @@ from structlearn.recording import Recorder, RunInfo, Sink
 from structlearn.run_dir import RunDir
 from structlearn.run_state import Checkpoint, Checkpointing, RunState, restore_network, restore_optimizers
 from structlearn.schedules import TrainSchedule
-from structlearn.utils import ConfigError, WriteError
+from structlearn.utils import ConfigError, WriteError, check, is_int
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from structlearn.analysis.structure import StructureAnalysis
 
-__all__ = ["Checkpointing", "Diverged", "OutOfMemory", "evaluate", "train", "train_step"]
+__all__ = ["Checkpointing", "Diverged", "EarlyStopping", "OutOfMemory", "evaluate", "train", "train_step"]
 
 log = logging.getLogger("structlearn")
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _NAMED = re.compile(r"^\S+=.* is invalid: ")
 
 
@@ -63,10 +64,15 @@ class Diverged(RuntimeError):
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast where asked for; fp32 and tf32 run without autocast."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 or fp16 autocast where asked for; fp32 and tf32 run without autocast."""
+    if precision in AUTOCAST:
+        return torch.autocast(device_type=device.type, dtype=AUTOCAST[precision])
     return _NO_AUTOCAST
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """fp16 trains with a loss scale (its gradients would underflow without one); other precisions need none."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 _NO_AUTOCAST = contextlib.nullcontext()  # reusable: entering it does nothing
@@ -145,10 +151,15 @@ def train_step(
     step: int,
     device: torch.device,
     precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """One optimisation step in the protocol's order (see :mod:`structlearn.methods.base`).
 
     The body of the training loop, exposed so that benchmarks time exactly what the runner does.
+    With a ``scaler`` (fp16) the loss is scaled before the backward pass and the gradients unscaled
+    before the method and clipping see them; a step whose gradients are not finite is skipped
+    whole (the scaler lowers its scale): no optimiser step and no ``after_step``, so the structure
+    does not change either.
     """
     _set_lrs(slots, step)
     with autocast(device, precision):
@@ -159,6 +170,8 @@ def train_step(
         total = loss + sum(extras.values()) if extras else loss
     for slot in slots:
         slot.optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        return _scaled_step(model, method, slots, step, scaler, StepResult(loss, logits, extras, {}), total)
     total.backward()
     method.after_backward(model, step)
     clip_gradients(slots, model)
@@ -166,6 +179,82 @@ def train_step(
         slot.optimizer.step()
     event = method.after_step(model, step, slots)
     return StepResult(loss, logits, extras, event)
+
+
+def _scaled_step(
+    model: nn.Module,
+    method: Method,
+    slots: Sequence[OptimizerSlot],
+    step: int,
+    scaler: torch.amp.GradScaler,
+    result: StepResult,
+    total: Tensor,
+) -> StepResult:
+    """:func:`train_step` after the forward pass, with a loss scale (fp16)."""
+    scaler.scale(total).backward()
+    stepped = []  # optimisers with gradients (the scaler checks only those for infinities)
+    for slot in slots:
+        if any(p.grad is not None for g in slot.optimizer.param_groups for p in g["params"]):
+            scaler.unscale_(slot.optimizer)
+            stepped.append(slot.optimizer)
+    method.after_backward(model, step)
+    clip_gradients(slots, model)
+    scale = scaler.get_scale()
+    for optimizer in stepped:
+        scaler.step(optimizer)
+    scaler.update()
+    if scaler.get_scale() < scale:  # non-finite gradients: the step was skipped
+        return result
+    return result._replace(event=method.after_step(model, step, slots))
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Stop a run when a validation metric has not improved for ``patience`` evaluation points.
+
+    Whether to stop is a pure function of the metric's values at the evaluation points of the run's
+    last phase (:meth:`stale`), so a resumed run stops where the uninterrupted one did. A value
+    improves on the best so far when it is better by more than ``min_delta``.
+
+    Args:
+        metric: ``val_loss`` (lower is better) or ``val_acc`` (higher is better): validation data only.
+        patience: evaluation points without improvement before the run stops, >= 1.
+        min_delta: the least change that counts as an improvement, >= 0.
+    """
+
+    metric: str = "val_loss"
+    patience: int = 5
+    min_delta: float = 0.0
+
+    METRICS = ("val_loss", "val_acc")
+
+    def __post_init__(self) -> None:
+        check(self.metric in self.METRICS, "metric", self.metric, f"must be one of {self.METRICS}")
+        check(
+            is_int(self.patience) and self.patience >= 1, "patience", self.patience, "must be an integer >= 1"
+        )
+        check(
+            isinstance(self.min_delta, int | float)
+            and not isinstance(self.min_delta, bool)
+            and 0 <= self.min_delta < math.inf,
+            "min_delta",
+            self.min_delta,
+            "must be a number >= 0",
+        )
+
+    def stale(self, values: Sequence[float]) -> int:
+        """How many of the last ``values`` came after the best one (0: the last value is the best)."""
+        sign = -1.0 if self.metric.endswith("_loss") else 1.0
+        best, since = -math.inf, 0
+        for value in values:
+            if sign * value > best + self.min_delta:
+                best, since = sign * value, 0
+            else:
+                since += 1
+        return since
+
+    def stops(self, values: Sequence[float]) -> bool:
+        return bool(values) and self.stale(values) >= self.patience
 
 
 def _check_space(run_dir: Path, model: nn.Module, checkpoints: bool, snapshots: int = 0) -> None:
@@ -276,6 +365,8 @@ class _Loop:
     identity: Mapping[str, Any]
     flops: FlopMeter
     fresh_model: Callable[[int], nn.Module] | None = None
+    early_stopping: EarlyStopping | None = None
+    scaler: torch.amp.GradScaler | None = None
     slots: list[OptimizerSlot] = field(default_factory=list)
     flops_error: str | None = None
 
@@ -293,6 +384,7 @@ class _Loop:
         identity: Mapping[str, Any],
         resume: Checkpoint | None,
         fresh_model: Callable[[int], nn.Module] | None = None,
+        early_stopping: EarlyStopping | None = None,
     ) -> _Loop:
         """Data and model on the device, the method's structure (restored on resume); phases checked."""
         with method_settings():
@@ -317,6 +409,8 @@ class _Loop:
             identity,
             flops,
             fresh_model,
+            early_stopping,
+            grad_scaler(plan.device, precision),
         )
 
     @property
@@ -381,6 +475,8 @@ class _Loop:
         start, end = boundaries(self.phases)[index : index + 2]
         schedule = self.phases[index].schedule
         for epoch in range(max(state.position.epoch, start), end):
+            if self.stopping(state, index):
+                break
             train_metrics = self.train_epoch(state, epoch, guard)
             last = epoch + 1 == end
             if (epoch + 1 - start) % schedule.eval_every == 0 or last:
@@ -389,6 +485,52 @@ class _Loop:
             if (self.checkpointing is not None and self.checkpointing.due(epoch + 1, last)) or signums:
                 self.save(state)
             guard.forward(signums, self.checkpointing is not None)
+
+    def metric_values(self, index: int) -> list[float]:
+        """The early-stopping metric at the evaluation points of phase ``index``."""
+        assert self.early_stopping is not None
+        metric = self.early_stopping.metric
+        return [r[metric] for r in self.recorder.record.rows if r.get("phase", 0) == index and metric in r]
+
+    def stops_early(self, index: int) -> bool:
+        """Whether early stopping ends the run before phase ``index`` trains on (its last phase only)."""
+        if self.early_stopping is None or index != len(self.phases) - 1:
+            return False
+        return self.early_stopping.stops(self.metric_values(index))
+
+    def stopping(self, state: RunState, index: int) -> bool:
+        """Stop early before the next epoch: say so in an event and checkpoint the network the run ends with."""
+        if not self.stops_early(index):
+            return False
+        es, pos = self.early_stopping, state.position
+        assert es is not None
+        values = self.metric_values(index)
+        self.save(state)  # before the event: a run resumed from this checkpoint writes the event again
+        self.recorder.event(
+            {"early_stop": es.metric, "epoch": pos.epoch, "patience": es.patience, "stale": es.stale(values)},
+            pos.step,
+        )
+        log.info("early stopping: %s has not improved for %d evaluation points", es.metric, es.stale(values))
+        return True
+
+    def early_stop_summary(self, state: RunState) -> dict[str, Any]:
+        """The summary's ``stopped_early`` (when the run stopped before its last epoch)."""
+        last = len(self.phases) - 1
+        if state.position.epoch >= boundaries(self.phases)[-1] or not self.stops_early(last):
+            return {}
+        es, values = self.early_stopping, self.metric_values(last)
+        assert es is not None
+        sign = -1 if es.metric.endswith("_loss") else 1
+        return {
+            "stopped_early": {
+                "epoch": state.position.epoch,
+                "step": state.position.step,
+                "metric": es.metric,
+                "best": sign * max(sign * v for v in values),
+                "patience": es.patience,
+                "min_delta": es.min_delta,
+            }
+        }
 
     def snapshot(self, state: RunState) -> None:
         """Keep the model's state if a rewind will need this step's (once)."""
@@ -412,6 +554,8 @@ class _Loop:
         state = resume.restore_state(self.device)
         if state.flops:
             self.flops.load_state_dict(state.flops)
+        if self.scaler is not None and resume.scaler is not None:
+            self.scaler.load_state_dict(resume.scaler)
         self.recorder.restore(resume.record["rows"], resume.record["events"], resume.record["analysis"])
         ckpt.set_rng_state(resume.rng)
         pos = state.position
@@ -435,7 +579,7 @@ class _Loop:
                 continue
             try:
                 loss, logits, extras, event = train_step(
-                    model, self.method, self.slots, x, y, pos.step, self.device, self.precision
+                    model, self.method, self.slots, x, y, pos.step, self.device, self.precision, self.scaler
                 )
             except torch.OutOfMemoryError as exc:
                 raise self._out_of_memory(
@@ -458,7 +602,7 @@ class _Loop:
                 _check_finite(state.sums.means(), f"step {pos.step} (epoch {epoch + 1})")  # never save NaNs
                 guard.forward(signums, self.save(state))
         train_metrics = _check_finite(state.sums.means(), f"epoch {epoch + 1}")
-        if not _grads_finite(self.slots):
+        if self.scaler is None and not _grads_finite(self.slots):  # fp16's scaler skips such steps
             raise Diverged(f"non-finite gradient in epoch {epoch + 1}")
         pos.epoch, pos.batch = epoch + 1, 0
         return train_metrics
@@ -530,6 +674,7 @@ class _Loop:
             data,
             self.recorder.state_dict(),
             self.identity,
+            self.scaler,
         )
         snapshot.save(self.recorder.record.run_dir.checkpoint)
         return True
@@ -555,6 +700,8 @@ class _Loop:
         elif state.before_finalize is not None:  # resumed after finalising: methods read the last evaluation
             self.evaluate_held_out("the final evaluation")
         out: dict[str, Any] = {
+            **self.early_stop_summary(state),
+            **({"grad_scale": self.scaler.get_scale()} if self.scaler is not None else {}),
             "params": self.method.count_parameters(self.model).as_dict(),
             "flops": self.flops_summary(),  # inference: the final network
             "structure": self.method.structure_metrics(self.model),
@@ -662,6 +809,7 @@ def train(
     analysis: StructureAnalysis | None = None,
     phases: Sequence[Phase] | None = None,
     fresh_model: Callable[[int], nn.Module] | None = None,
+    early_stopping: EarlyStopping | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``method`` on ``data`` and record the run in ``run_dir``.
 
@@ -673,7 +821,7 @@ def train(
         run_dir: the run directory; locked here for the whole run unless the caller holds its lock.
         seed: the run's seed (data order and the method's generator derive from it).
         device: the training device.
-        precision: ``fp32``, ``tf32`` or ``bf16`` (autocast).
+        precision: ``fp32``, ``tf32``, ``bf16`` (autocast) or ``fp16`` (autocast and a loss scale).
         sinks: extra destinations for the rows (console, W&B).
         names: method/dataset/model names for the summary.
         config: the resolved config (for sinks; stored in checkpoints and checked on resume).
@@ -687,6 +835,7 @@ def train(
         phases: the run as phases (:mod:`structlearn.phases`), each with its own schedule and
             transitions; None: one phase, ``schedule``.
         fresh_model: ``fresh_model(seed)`` builds the model anew (for :class:`~structlearn.phases.Reinit`).
+        early_stopping: stop when a validation metric stops improving (in the last phase), or None.
 
     Returns:
         The summary also written to ``summary.json``. A diverged run returns normally with
@@ -739,6 +888,7 @@ def train(
                     identity,
                     resume,
                     fresh_model,
+                    early_stopping,
                 )
                 state = loop.restore(resume)
                 info = RunInfo(

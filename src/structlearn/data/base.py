@@ -79,6 +79,23 @@ class InMemoryDataset:
                 setattr(self, attr, getattr(self, attr).to(device))
         return self
 
+    def limit(self, train: int | None = None, held_out: int | None = None) -> InMemoryDataset:
+        """Keep the first ``train`` training examples and the first ``held_out`` of each held-out split (debug runs).
+
+        The splits were drawn and shuffled before, so their first examples are a random subset. None keeps a
+        split whole; a limit above a split's size keeps all of it.
+        """
+        for n, splits in ((train, ("train",)), (held_out, ("val", "test"))):
+            if n is None:
+                continue
+            if n < 1:
+                raise ValueError(f"limit={n!r} is invalid: must be an integer >= 1 or None")
+            for split in splits:
+                if getattr(self, f"x_{split}") is not None:
+                    setattr(self, f"x_{split}", getattr(self, f"x_{split}")[:n])
+                    setattr(self, f"y_{split}", getattr(self, f"y_{split}")[:n])
+        return self
+
     def prepare(self, x: Tensor) -> Tensor:
         """Turn a stored batch into model input (identity for float features)."""
         return x
