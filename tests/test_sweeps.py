@@ -14,11 +14,12 @@ from .conftest import PYTHON, TINY
 wandb = pytest.importorskip("wandb")
 
 
-def read_wandb_runs(path):
-    """The run records of an offline W&B file (a LevelDB-style log of protobuf records), without W&B's reader."""
+def wandb_records(path):
+    """Every record of an offline W&B file (a LevelDB-style log of protobuf records), without W&B's reader:
+    pairs of the record's kind (``run``, ``metric``, ``summary``...) and the record."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    raw, pos, block, chunks, runs = path.read_bytes(), 7, 32768, b"", []
+    raw, pos, block, chunks = path.read_bytes(), 7, 32768, b""
     while pos + 7 <= len(raw):
         left = block - pos % block
         _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7]) if left >= 7 else (0, 0, 0)
@@ -30,9 +31,13 @@ def read_wandb_runs(path):
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(chunks)
-            if record.WhichOneof("record_type") == "run":
-                runs.append(record.run)
-    return runs
+            which = record.WhichOneof("record_type")
+            yield which, getattr(record, which)
+
+
+def read_wandb_runs(path):
+    """The run records of an offline W&B file."""
+    return [record for kind, record in wandb_records(path) if kind == "run"]
 
 
 def test_wandb_offline_one_run_per_job_grouped_by_sweep_and_named_by_overrides(tmp_path):

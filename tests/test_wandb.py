@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import struct
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -25,33 +25,29 @@ from structlearn.utils import ConfigError, build
 
 wandb = pytest.importorskip("wandb")
 
+from .test_sweeps import wandb_records  # noqa: E402
+
 # W&B's settings, caches and artifact staging: in a temporary folder, never the user's.
 WANDB_HOME_VARS = ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")
 
 
-def read_records(run_dir: Path) -> dict[str, list[Any]]:
-    """Every record of the offline W&B runs under ``run_dir``, by kind (``run``, ``metric``, ``summary``...)."""
-    from wandb.proto import wandb_internal_pb2 as pb
+def read_records(run_dir: Path, timeout: float = 20.0) -> dict[str, list[Any]]:
+    """Every record of the offline W&B runs under ``run_dir``, by kind (``run``, ``metric``, ``summary``...).
 
-    out: dict[str, list[Any]] = defaultdict(list)
-    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert files, f"no offline W&B run under {run_dir}"
-    for path in files:
-        raw, pos, block, chunks = path.read_bytes(), 7, 32768, b""
-        while pos + 7 <= len(raw):
-            left = block - pos % block
-            _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7]) if left >= 7 else (0, 0, 0)
-            if left < 7 or (length == 0 and kind == 0):
-                pos += left
-                continue
-            data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
-            chunks = data if kind in (1, 2) else chunks + data
-            if kind in (1, 4):
-                record = pb.Record()
-                record.ParseFromString(chunks)
-                which = record.WhichOneof("record_type")
-                out[which].append(getattr(record, which))
-    return out
+    W&B's service process writes the file: a run that another run of the same process started may be
+    finished before its records reach the disk, so this waits until every file holds its ``exit`` record.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        out: dict[str, list[Any]] = defaultdict(list)
+        files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+        assert files, f"no offline W&B run under {run_dir}"
+        for path in files:
+            for kind, record in wandb_records(path):
+                out[kind].append(record)
+        if len(out["exit"]) == len(files) or time.monotonic() > deadline:
+            return out
+        time.sleep(0.05)
 
 
 def wandb_summary(records: dict[str, list[Any]]) -> dict[str, Any]:
