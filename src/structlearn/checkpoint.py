@@ -52,8 +52,24 @@ class CheckpointMismatch(ValueError):
 
 
 def save(path: str | Path, state: Mapping[str, Any]) -> None:
-    """Write ``state`` with ``torch.save`` so that ``path`` is always a whole checkpoint (:func:`atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(dict(state), f), sync="dir")
+    """Write ``state`` with ``torch.save`` so that ``path`` is always a whole checkpoint (:func:`atomic_write`).
+
+    A tensor that is a view of a larger one (a member's slice of a stacked run's weights) is written
+    alone: ``torch.save`` would otherwise write the whole storage it views.
+    """
+    atomic_write(path, lambda f: torch.save(_compact(dict(state)), f), sync="dir")
+
+
+def _compact(value: Any) -> Any:
+    """``value`` with every tensor that views part of a larger storage replaced by a copy of itself."""
+    if isinstance(value, torch.Tensor):
+        whole = value.untyped_storage().nbytes() == value.numel() * value.element_size()
+        return value if whole or value.numel() == 0 else value.clone()
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_compact(v) for v in value)
+    return value
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -41,7 +41,15 @@ from structlearn.resume import (
     with_saved_overrides,
 )
 from structlearn.run_dir import RunDir
-from structlearn.runner import PRECISIONS, batch_sampler, check_phase_optimizers, method_settings, train
+from structlearn.runner import (
+    PRECISIONS,
+    Run,
+    batch_sampler,
+    check_phase_optimizers,
+    method_settings,
+    new_run,
+    train_run,
+)
 from structlearn.utils import (
     ConfigError,
     JobKilled,
@@ -258,6 +266,20 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
     A failure before training leaves a ``failed`` summary in a directory that is this run's;
     a refused directory is left untouched.
     """
+    with prepared(cfg, run_dir) as (run, finished):
+        return finished if run is None else train_run(run)
+
+
+@contextlib.contextmanager
+def prepared(
+    cfg: DictConfig, run_dir: str | Path | RunDir
+) -> Iterator[tuple[Run | None, dict[str, Any] | None]]:
+    """The run of ``cfg`` built and ready to train, its directory locked until the context ends.
+
+    Yields ``(run, None)``, or ``(None, summary)`` for a run that had already ended. Hydra's job
+    settings (the overrides, the job's name) are read here: a stacked launcher prepares each member
+    under its own. :func:`execute` trains the run alone; :func:`structlearn.stacked.train_stack` with others.
+    """
     path = run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
     run_dir = HELD.get(path.resolve()) or RunDir(path)  # the lock the app's callback took, if any
     if not run_dir.locked:
@@ -267,7 +289,8 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
         start = plan_start(run_dir, config, cfg.get("resume"))
         if start.finished is not None:
             log.info("%s already %s; nothing to do", run_dir.path, start.finished["status"])
-            return start.finished
+            yield None, start.finished
+            return
         run_dir.mark(_overrides(), config)
         show_config(cfg, run_dir)
         try:
@@ -284,25 +307,26 @@ def execute(cfg: DictConfig, run_dir: str | Path | RunDir) -> dict[str, Any]:
                     run_dir.summary, {"status": "failed", "error": error, "seed": cfg.get("seed")}
                 )
             raise
+        run = new_run(
+            **objects,
+            run_dir=run_dir,
+            seed=seed,
+            device=device,
+            precision=precision,
+            names=_names(cfg),
+            config=config,
+            code=code_version(),
+            provenance={
+                "tags": list(cfg.get("tags") or []),
+                "deterministic": bool(cfg.get("deterministic", False)),
+                "git_sha": git_sha(),
+                "versions": package_versions(),
+            },
+            resume=start.checkpoint,
+            **_sweep_identity(),
+        )
         with profiling(run_dir, bool(cfg.get("profile", False)), device):
-            return train(
-                **objects,
-                run_dir=run_dir,
-                seed=seed,
-                device=device,
-                precision=precision,
-                names=_names(cfg),
-                config=config,
-                code=code_version(),
-                provenance={
-                    "tags": list(cfg.get("tags") or []),
-                    "deterministic": bool(cfg.get("deterministic", False)),
-                    "git_sha": git_sha(),
-                    "versions": package_versions(),
-                },
-                resume=start.checkpoint,
-                **_sweep_identity(),
-            )
+            yield run, None
 
 
 def _build(cfg: DictConfig, shape: tuple[tuple[int, ...], int] | None = None) -> dict[str, Any]:
@@ -568,8 +592,7 @@ def app(cfg: DictConfig) -> float | None:
         # one line in the job's log and its failed summary; the sweep goes on, its tally counts it
         log.error("job %s failed: %s", HydraConfig.get().job.num, exc)
         FAILED_JOBS.append(str(exc))
-        valid = isinstance(failed_value, int | float) and not isinstance(failed_value, bool)
-        return float(failed_value) if metric and valid else None
+        return failed_objective(cfg)
     except WriteError as exc:  # a full disk or a read-only file system: one line, the summary says which file
         if not multirun:
             print(f"structlearn: error: {exc}", file=sys.stderr)
@@ -593,6 +616,13 @@ def app(cfg: DictConfig) -> float | None:
 
 
 DIVERGED_EXIT = 3
+
+
+def failed_objective(cfg: DictConfig) -> float | None:
+    """What a job that failed on its config returns to a sweeper: ``failed_value`` when it optimises one."""
+    metric, failed_value = cfg.get("optimized_metric"), cfg.get("failed_value")
+    valid = isinstance(failed_value, int | float) and not isinstance(failed_value, bool)
+    return float(failed_value) if metric and valid else None
 
 
 class OutputDirCheck(Callback):

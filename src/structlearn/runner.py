@@ -51,7 +51,16 @@ if TYPE_CHECKING:
 
     from structlearn.analysis.structure import StructureAnalysis
 
-__all__ = ["Checkpointing", "Diverged", "EarlyStopping", "OutOfMemory", "evaluate", "train", "train_step"]
+__all__ = [
+    "Checkpointing",
+    "Diverged",
+    "EarlyStopping",
+    "OutOfMemory",
+    "evaluate",
+    "new_run",
+    "train",
+    "train_step",
+]
 
 log = logging.getLogger("structlearn")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -473,18 +482,38 @@ class _Loop:
     def run_phase(self, state: RunState, index: int, guard: PreemptionGuard) -> None:
         """The epochs of phase ``index`` left to train: each an epoch, an evaluation point, a checkpoint."""
         start, end = boundaries(self.phases)[index : index + 2]
-        schedule = self.phases[index].schedule
         for epoch in range(max(state.position.epoch, start), end):
             if self.stopping(state, index):
                 break
             train_metrics = self.train_epoch(state, epoch, guard)
-            last = epoch + 1 == end
-            if (epoch + 1 - start) % schedule.eval_every == 0 or last:
-                self.evaluation_point(state, train_metrics, index, last)
             signums = guard.take()
-            if (self.checkpointing is not None and self.checkpointing.due(epoch + 1, last)) or signums:
-                self.save(state)
+            self.epoch_done(state, index, epoch, train_metrics, bool(signums))
             guard.forward(signums, self.checkpointing is not None)
+
+    def epoch_done(
+        self,
+        state: RunState,
+        index: int,
+        epoch: int,
+        train_metrics: Mapping[str, float],
+        signalled: bool,
+        held_out: Mapping[str, float] | None = None,
+    ) -> None:
+        """After an epoch of phase ``index``: its evaluation point when due, its checkpoint when due (or signalled).
+
+        ``held_out``: the validation and test metrics when the caller evaluated the network already (a stack
+        evaluates its members together).
+        """
+        last = epoch + 1 == boundaries(self.phases)[index + 1]
+        if self.evaluation_due(index, epoch):
+            self.evaluation_point(state, train_metrics, index, last, held_out)
+        if (self.checkpointing is not None and self.checkpointing.due(epoch + 1, last)) or signalled:
+            self.save(state)
+
+    def evaluation_due(self, index: int, epoch: int) -> bool:
+        """Whether the end of ``epoch`` (in phase ``index``) is an evaluation point: every ``eval_every``, and the last."""
+        start, end = boundaries(self.phases)[index : index + 2]
+        return (epoch + 1 - start) % self.phases[index].schedule.eval_every == 0 or epoch + 1 == end
 
     def metric_values(self, index: int) -> list[float]:
         """The early-stopping metric at the evaluation points of phase ``index``."""
@@ -566,49 +595,95 @@ class _Loop:
 
     def train_epoch(self, state: RunState, epoch: int, guard: PreemptionGuard) -> dict[str, float]:
         """Train the epoch's batches from where the state stands; returns the epoch's training means."""
-        pos, model, batch_size = state.position, self.model, self.batch_size
+        for b, x, y in self.epoch_batches(state, epoch):
+            try:
+                result = train_step(
+                    self.model,
+                    self.method,
+                    self.slots,
+                    x,
+                    y,
+                    state.position.step,
+                    self.device,
+                    self.precision,
+                    self.scaler,
+                )
+            except torch.OutOfMemoryError as exc:
+                raise self.out_of_memory_at(exc, state, epoch) from exc
+            self.stepped(state, epoch, b, y, result)
+            if guard.pending:
+                signums = guard.take()
+                self.check_live(state, epoch)  # never save NaNs
+                guard.forward(signums, self.save(state))
+        return self.end_epoch(state, epoch)
+
+    def epoch_batches(self, state: RunState, epoch: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """The epoch's training batches ``(b, x, y)`` left to train, the model in training mode.
+
+        An epoch begun here starts with the method's ``on_epoch_start`` and new sums; a resumed one
+        replays the data order from the epoch's start and skips the batches already trained.
+        """
+        pos = state.position
         if pos.batch == 0:
-            self.method.on_epoch_start(model, epoch, pos.step)
+            self.method.on_epoch_start(self.model, epoch, pos.step)
             state.begin_epoch(self.device)
         else:  # resumed mid-epoch: the same order and augmentation, from the same batch
             state.generator.set_state(state.epoch_generator)
-        model.train()
-        refresh = max(1, min(50, self.plan.steps_per_epoch // 2))  # steps between progress reports
-        for b, (x, y) in enumerate(self.data.train_batches(batch_size, state.generator)):
-            if b < pos.batch:
-                continue
-            try:
-                loss, logits, extras, event = train_step(
-                    model, self.method, self.slots, x, y, pos.step, self.device, self.precision, self.scaler
-                )
-            except torch.OutOfMemoryError as exc:
-                raise self._out_of_memory(
-                    exc, batch_size, f"step {pos.step + 1} (epoch {epoch + 1})"
-                ) from exc
+        self.model.train()
+        for b, (x, y) in enumerate(self.data.train_batches(self.batch_size, state.generator)):
+            if b >= pos.batch:
+                yield b, x, y
+
+    def stepped(
+        self, state: RunState, epoch: int, b: int, y: Tensor, result: StepResult, summed: bool = False
+    ) -> None:
+        """The bookkeeping of a step just taken: sums (unless ``summed`` already), position, snapshots,
+        events, progress."""
+        loss, logits, extras, event = result
+        pos = state.position
+        if not summed:
             state.sums.add(loss, logits, y, extras)
-            pos.step += 1
-            pos.batch = b + 1
-            if self.snapshot_steps:
-                self.snapshot(state)
-            if event:
-                self.recorder.event(event, pos.step)
-            if pos.step % refresh == 0:
-                # the loss here, the gradients at the epoch's end: a non-finite gradient that
-                # reaches the weights shows in the loss of the next steps anyway
-                live = _check_finite(state.sums.means(), f"step {pos.step} (epoch {epoch + 1})")
-                self.recorder.progress(pos.step, {"loss": live["train_loss"], "acc": live["train_acc"]})
-            if guard.pending:
-                signums = guard.take()
-                _check_finite(state.sums.means(), f"step {pos.step} (epoch {epoch + 1})")  # never save NaNs
-                guard.forward(signums, self.save(state))
+        pos.step += 1
+        pos.batch = b + 1
+        if self.snapshot_steps:
+            self.snapshot(state)
+        if event:
+            self.recorder.event(event, pos.step)
+        if pos.step % self.refresh == 0:
+            # the loss here, the gradients at the epoch's end: a non-finite gradient that
+            # reaches the weights shows in the loss of the next steps anyway
+            live = self.check_live(state, epoch)
+            self.recorder.progress(pos.step, {"loss": live["train_loss"], "acc": live["train_acc"]})
+
+    @functools.cached_property
+    def refresh(self) -> int:
+        """Steps between progress reports."""
+        return max(1, min(50, self.plan.steps_per_epoch // 2))
+
+    def check_live(self, state: RunState, epoch: int) -> dict[str, float]:
+        """The epoch's training means so far; :class:`Diverged` if one is not finite."""
+        return _check_finite(state.sums.means(), f"step {state.position.step} (epoch {epoch + 1})")
+
+    def end_epoch(self, state: RunState, epoch: int) -> dict[str, float]:
+        """After the epoch's last batch: its training means (checked finite, gradients too); the position moves on."""
         train_metrics = _check_finite(state.sums.means(), f"epoch {epoch + 1}")
         if self.scaler is None and not _grads_finite(self.slots):  # fp16's scaler skips such steps
             raise Diverged(f"non-finite gradient in epoch {epoch + 1}")
-        pos.epoch, pos.batch = epoch + 1, 0
+        state.position.epoch, state.position.batch = epoch + 1, 0
         return train_metrics
 
+    def out_of_memory_at(self, exc: BaseException, state: RunState, epoch: int) -> OutOfMemory:
+        return self._out_of_memory(
+            exc, self.batch_size, f"step {state.position.step + 1} (epoch {epoch + 1})"
+        )
+
     def evaluation_point(
-        self, state: RunState, train_metrics: Mapping[str, float], index: int = 0, phase_end: bool = False
+        self,
+        state: RunState,
+        train_metrics: Mapping[str, float],
+        index: int = 0,
+        phase_end: bool = False,
+        held_out: Mapping[str, float] | None = None,
     ) -> None:
         """Evaluate, record the row (and let the analysis see the network), update ``final``/``best``.
 
@@ -617,7 +692,8 @@ class _Loop:
         its result kept in ``phase_results``.
         """
         pos = state.position
-        held_out = self.evaluate_held_out(f"evaluation after epoch {pos.epoch}")
+        if held_out is None:
+            held_out = self.evaluate_held_out(f"evaluation after epoch {pos.epoch}")
         row = {
             "epoch": pos.epoch,
             "step": pos.step,
@@ -787,7 +863,7 @@ def _stopped(
     return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def train(
+def new_run(
     *,
     data: InMemoryDataset,
     model: nn.Module,
@@ -810,8 +886,8 @@ def train(
     phases: Sequence[Phase] | None = None,
     fresh_model: Callable[[int], nn.Module] | None = None,
     early_stopping: EarlyStopping | None = None,
-) -> dict[str, Any]:
-    """Train ``model`` with ``method`` on ``data`` and record the run in ``run_dir``.
+) -> Run:
+    """A run to train ``model`` with ``method`` on ``data``, recorded in ``run_dir`` (:func:`train` trains it).
 
     Args:
         data: the dataset; moved to ``device`` here.
@@ -836,88 +912,186 @@ def train(
             transitions; None: one phase, ``schedule``.
         fresh_model: ``fresh_model(seed)`` builds the model anew (for :class:`~structlearn.phases.Reinit`).
         early_stopping: stop when a validation metric stops improving (in the last phase), or None.
-
-    Returns:
-        The summary also written to ``summary.json``. A diverged run returns normally with
-        ``status: diverged``; any other error is recorded as ``status: failed`` and re-raised.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is invalid: must be one of {PRECISIONS}")
-    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    names = dict(names or {})
-    identity = {"config": dict(config or {}), "code": dict(code or {}), "names": names}
-    summary: dict[str, Any] = {
-        "status": "failed",
-        **names,
-        "seed": seed,
-        "epochs_completed": 0,
-        "final": {},
-        "best": {},
-        "params": {},
-        "wall_time_s": 0.0,
-        "device": str(device),
-        "precision": precision,
-        "run_dir": str(run_dir.path),
-        **dict(provenance or {}),
-    }
-    with contextlib.nullcontext() if run_dir.locked else run_dir.lock():
-        run_dir.mark([], identity["config"])
-        recorder, guard = Recorder(run_dir, seed, sinks, analysis), PreemptionGuard()
-        state: RunState | None = None
-        loop: _Loop | None = None
-        phases = list(phases) if phases else [Phase("train", schedule)]
+    return Run(
+        data,
+        model,
+        method,
+        schedule,
+        run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir),
+        seed,
+        device,
+        precision,
+        list(sinks),
+        dict(names or {}),
+        dict(config or {}),
+        dict(code or {}),
+        dict(provenance or {}),
+        group,
+        job_name,
+        checkpointing,
+        resume,
+        analysis,
+        list(phases) if phases else [Phase("train", schedule)],
+        fresh_model,
+        early_stopping,
+    )
+
+
+def train(**kwargs: Any) -> dict[str, Any]:
+    """Train a run (the arguments of :func:`new_run`) through its phases and return its summary.
+
+    The summary is also written to ``summary.json``. A diverged run returns normally with
+    ``status: diverged``; any other error is recorded as ``status: failed`` and re-raised.
+    """
+    return train_run(new_run(**kwargs))
+
+
+def train_run(run: Run) -> dict[str, Any]:
+    """Train ``run`` (made by :func:`new_run`) alone: :func:`train` after the run is made."""
+    with run.locked():
+        guard = PreemptionGuard()
         try:
             with guard:  # from the start: a signal during set-up is answered at the first step
-                data = data.to(device)
-                plan = Plan(
-                    boundaries(phases)[-1],
-                    data.steps_per_epoch(schedule.batch_size),
-                    seed,
-                    device,
-                    batch_sampler(data, schedule, seed),
-                )
-                loop = _Loop.setup(
-                    data,
-                    model,
-                    method,
-                    phases,
-                    plan,
-                    precision,
-                    recorder,
-                    checkpointing,
-                    identity,
-                    resume,
-                    fresh_model,
-                    early_stopping,
-                )
-                state = loop.restore(resume)
-                info = RunInfo(
-                    run_dir.path,
-                    names,
-                    identity["config"],
-                    plan.total_steps,
-                    group,
-                    job_name,
-                    state.position.step,
-                )
-                recorder.start(info)
-                first = phase_of(state.position.epoch, phases)
-                if first == len(phases):  # resumed after the last epoch: the end is left
-                    loop.enter(state, first - 1, resume)
-                for index in range(first, len(phases)):
-                    loop.enter(state, index, resume)
+                loop, state = run.start()
+                for index in run.phases_left():
+                    loop.enter(state, index, run.resume)
                     loop.run_phase(state, index, guard)
-                summary.update(loop.finish(state, str(names.get("method", "network"))), status="completed")
+                run.complete()
                 guard.drop("the run is complete: it ends normally")  # a signal after the last step
         except BaseException as exc:
-            summary.update(_stopped(exc, state, run_dir, guard))
-            if loop is not None and isinstance(exc, Diverged):
-                with contextlib.suppress(Exception):  # the parameter counts of the network as it stopped
-                    summary["params"] = method.count_parameters(loop.model).as_dict()
-            if not isinstance(exc, Diverged):
+            if run.stopped(exc, guard):
                 raise
         finally:
-            if state is not None:
-                summary.update(state.results(), wall_time_s=state.elapsed)
-            recorder.finish(summary)
-    return summary
+            run.close()
+    return run.summary
+
+
+@dataclass
+class Run:
+    """One run's objects, its summary and its record, from the lock to ``summary.json`` (see :func:`train`).
+
+    :func:`train` drives one run through its phases; :mod:`structlearn.stacked` drives several at once
+    through the same start, end and failure handling.
+    """
+
+    data: InMemoryDataset
+    model: nn.Module
+    method: Method
+    schedule: TrainSchedule
+    run_dir: RunDir
+    seed: int
+    device: torch.device
+    precision: str
+    sinks: list[Sink]
+    names: dict[str, str]
+    config: dict[str, Any]
+    code: dict[str, Any]
+    provenance: dict[str, Any]
+    group: str | None
+    job_name: str | None
+    checkpointing: Checkpointing | None
+    resume: Checkpoint | None
+    analysis: StructureAnalysis | None
+    phases: list[Phase]
+    fresh_model: Callable[[int], nn.Module] | None
+    early_stopping: EarlyStopping | None
+    loop: _Loop | None = None
+    state: RunState | None = None
+    recorder: Recorder | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is invalid: must be one of {PRECISIONS}")
+        self.summary = {
+            "status": "failed",
+            **self.names,
+            "seed": self.seed,
+            "epochs_completed": 0,
+            "final": {},
+            "best": {},
+            "params": {},
+            "wall_time_s": 0.0,
+            "device": str(self.device),
+            "precision": self.precision,
+            "run_dir": str(self.run_dir.path),
+            **self.provenance,
+        }
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"config": self.config, "code": self.code, "names": self.names}
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The run directory locked (unless the caller holds its lock), marked, and its recorder made."""
+        with contextlib.nullcontext() if self.run_dir.locked else self.run_dir.lock():
+            self.run_dir.mark([], self.config)
+            self.recorder = Recorder(self.run_dir, self.seed, self.sinks, self.analysis)
+            yield
+
+    def start(self) -> tuple[_Loop, RunState]:
+        """Data on the device, the loop set up, its state fresh or restored, the sinks started."""
+        assert self.recorder is not None
+        data = self.data.to(self.device)
+        plan = Plan(
+            boundaries(self.phases)[-1],
+            data.steps_per_epoch(self.schedule.batch_size),
+            self.seed,
+            self.device,
+            batch_sampler(data, self.schedule, self.seed),
+        )
+        self.loop = _Loop.setup(
+            data,
+            self.model,
+            self.method,
+            self.phases,
+            plan,
+            self.precision,
+            self.recorder,
+            self.checkpointing,
+            self.identity,
+            self.resume,
+            self.fresh_model,
+            self.early_stopping,
+        )
+        self.state = self.loop.restore(self.resume)
+        info = RunInfo(
+            self.run_dir.path,
+            self.names,
+            self.config,
+            plan.total_steps,
+            self.group,
+            self.job_name,
+            self.state.position.step,
+        )
+        self.recorder.start(info)
+        return self.loop, self.state
+
+    def phases_left(self) -> range:
+        """The phases to enter: from the state's; a run resumed after its last epoch re-enters the last."""
+        assert self.state is not None
+        first = phase_of(self.state.position.epoch, self.phases)
+        return range(min(first, len(self.phases) - 1), len(self.phases))
+
+    def complete(self) -> None:
+        assert self.loop is not None and self.state is not None
+        self.summary.update(
+            self.loop.finish(self.state, str(self.names.get("method", "network"))), status="completed"
+        )
+
+    def stopped(self, exc: BaseException, guard: PreemptionGuard) -> bool:
+        """Record why the run did not complete; whether ``exc`` goes on up (all but a divergence do)."""
+        self.summary.update(_stopped(exc, self.state, self.run_dir, guard))
+        if self.loop is not None and isinstance(exc, Diverged):
+            with contextlib.suppress(Exception):  # the parameter counts of the network as it stopped
+                self.summary["params"] = self.method.count_parameters(self.loop.model).as_dict()
+        return not isinstance(exc, Diverged)
+
+    def close(self) -> None:
+        """The state's results into the summary, and ``summary.json`` written (the sinks finished)."""
+        if self.state is not None:
+            self.summary.update(self.state.results(), wall_time_s=self.state.elapsed)
+        assert self.recorder is not None
+        self.recorder.finish(self.summary)
