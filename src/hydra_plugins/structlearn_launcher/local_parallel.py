@@ -20,10 +20,8 @@ from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
-from hydra.plugins.launcher import Launcher
-from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
 
+from hydra_plugins.structlearn_launcher.base import ContextLauncher
 from structlearn.run_dir import RunDir
 from structlearn.utils import JobKilled
 
@@ -37,7 +35,7 @@ def _indexed_job(index: int, *args: Any) -> tuple[int, JobReturn]:
     return index, _core.execute_job(*args)
 
 
-class LocalParallelLauncher(Launcher):
+class LocalParallelLauncher(ContextLauncher):
     """Hydra's joblib launcher, restarting the pool (and the unfinished jobs) when a worker dies.
 
     Args:
@@ -45,13 +43,8 @@ class LocalParallelLauncher(Launcher):
     """
 
     def __init__(self, **joblib: Any) -> None:
+        super().__init__()
         self.joblib = joblib
-        self.config: DictConfig | None = None
-        self.task_function: TaskFunction | None = None
-        self.hydra_context: HydraContext | None = None
-
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra_plugins.hydra_joblib_launcher import _core  # the `launchers` extra

@@ -1,0 +1,186 @@
+"""``hydra/launcher=stacked``: the jobs of a sweep that differ only in their seed train together, as one stack.
+
+    structlearn -m seed=range(10) method=rigl hydra/launcher=stacked
+
+The sweep's jobs are grouped by their overrides without ``seed``; each group of jobs that can stack
+(:func:`structlearn.stacked.why_not`) trains in this process as stacks of up to ``max_members``
+(:func:`structlearn.stacked.train_stack`). Every member gets its own job directory, made by Hydra as for
+any job (``.hydra/``), and the same files as if it had run alone, so reports, resume and
+``structlearn-analyze`` read them as they read any run. A job that cannot stack, or is alone in its
+group, runs alone as the basic launcher runs it, after one line saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.types import TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from hydra_plugins.structlearn_launcher.base import ContextLauncher
+from structlearn.utils import check, is_int
+
+log = logging.getLogger("structlearn")
+
+
+def group_key(overrides: Sequence[str]) -> tuple[str, ...]:
+    """What a job is without its seed: the jobs of one group differ in nothing else."""
+    return tuple(sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "seed"))
+
+
+class StackedLauncher(ContextLauncher):
+    """Train the seeds of each sweep cell together (see the module's docstring).
+
+    Args:
+        max_members: the most members of one stack (a group of more trains as several stacks), >= 1.
+    """
+
+    def __init__(self, max_members: int = 50) -> None:
+        check(is_int(max_members) and max_members >= 1, "max_members", max_members, "must be an integer >= 1")
+        super().__init__()
+        self.max_members = int(max_members)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from structlearn.stacked import why_not
+
+        assert self.config is not None and self.hydra_context is not None
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        configs = [self._job_config(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]
+        groups: dict[tuple[str, ...], list[int]] = {}
+        alone: dict[int, str] = {}
+        for i, overrides in enumerate(job_overrides):
+            reason = why_not(self._resolved(configs[i]))
+            if reason is None:
+                groups.setdefault(group_key(overrides), []).append(i)
+            else:
+                alone[i] = reason
+        stacks = []
+        for members in groups.values():
+            for start in range(0, len(members), self.max_members):
+                chunk = members[start : start + self.max_members]
+                if len(chunk) == 1:
+                    alone[chunk[0]] = "no other seed of its cell to stack with"
+                else:
+                    stacks.append(chunk)
+        results: dict[int, JobReturn] = {}
+        for chunk in stacks:
+            nums = [initial_job_idx + i for i in chunk]
+            log.info(
+                "stack of %d: jobs %s (%s)", len(chunk), nums, " ".join(group_key(job_overrides[chunk[0]]))
+            )
+            results.update(zip(chunk, self._stack([configs[i] for i in chunk]), strict=True))
+        for i, reason in sorted(alone.items()):
+            log.info("job %d runs alone: %s", initial_job_idx + i, reason)
+            results[i] = self._alone(configs[i])
+        return [results[i] for i in range(len(job_overrides))]
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def _job_config(self, num: int, overrides: Sequence[str]) -> DictConfig:
+        assert self.config is not None and self.hydra_context is not None
+        log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(config):
+            config.hydra.job.id = num
+            config.hydra.job.num = num
+        return config
+
+    @staticmethod
+    def _resolved(config: DictConfig) -> dict[str, Any]:
+        HydraConfig.instance().set_config(config)
+        task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        try:
+            return OmegaConf.to_container(task, resolve=True)  # type: ignore[return-value]
+        except Exception:  # the job reports what fails to resolve when it runs (alone)
+            return {"method": {}, "model": {}}
+
+    def _run_job(self, config: DictConfig, task_function: TaskFunction) -> JobReturn:
+        assert self.hydra_context is not None and self.config is not None
+        HydraConfig.instance().set_config(config)
+        ret = run_job(
+            hydra_context=self.hydra_context,
+            task_function=task_function,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return ret
+
+    def _alone(self, config: DictConfig) -> JobReturn:
+        assert self.task_function is not None
+        return self._run_job(config, self.task_function)
+
+    def _stack(self, configs: Sequence[DictConfig]) -> list[JobReturn]:
+        """Prepare every member in its own job (Hydra writes its directory), then train them together."""
+        from structlearn import run as app
+        from structlearn.stacked import train_stack
+
+        with contextlib.ExitStack() as held:
+            members: list[tuple[int, Any]] = []  # (position, its prepared run)
+            returns: list[JobReturn] = []
+            for position, config in enumerate(configs):
+
+                def prepare(cfg: DictConfig, position: int = position) -> Any:
+                    run_dir = HydraConfig.get().runtime.output_dir
+                    try:
+                        run, finished = held.enter_context(app.prepared(cfg, run_dir))
+                    except (
+                        app.ConfigError
+                    ) as exc:  # as the app answers it in a multirun: this job alone fails
+                        log.error("job %s failed: %s", HydraConfig.get().job.num, exc)
+                        app.FAILED_JOBS.append(str(exc))
+                        return app.failed_objective(cfg)
+                    if run is None:
+                        return app.objective(finished, cfg.get("optimized_metric"), cfg.get("failed_value"))
+                    members.append((position, run))
+                    return None
+
+                returns.append(self._run_job(config, prepare))
+            if members:
+                with _member_logs([Path(run.run_dir.path) for _, run in members]):
+                    summaries = train_stack([run for _, run in members])
+                    for _, run in members:
+                        log.info("outputs: %s", run.run_dir.path)
+                for (position, _), summary in zip(members, summaries, strict=True):
+                    returns[position] = _finished(returns[position], configs[position], summary)
+        return returns
+
+
+def _finished(ret: JobReturn, config: DictConfig, summary: dict[str, Any]) -> JobReturn:
+    """The member's job return once the stack has trained: the objective a sweeper reads, as the app's."""
+    from structlearn import run as app
+
+    if summary.get("status") == "diverged":
+        log.error("run diverged: %s", summary.get("error"))
+    metric, failed_value = config.get("optimized_metric"), config.get("failed_value")
+    ret.status = JobStatus.COMPLETED
+    ret.return_value = app.objective(summary, metric, failed_value)
+    return ret
+
+
+@contextlib.contextmanager
+def _member_logs(run_dirs: Sequence[Path]) -> Any:
+    """The stack's log lines in every member's ``structlearn.log`` (the members train in one process)."""
+    handlers = [logging.FileHandler(d / "structlearn.log") for d in run_dirs]
+    root = logging.getLogger()
+    formatter = next((h.formatter for h in root.handlers if h.formatter is not None), None)
+    for handler in handlers:
+        handler.setFormatter(
+            formatter or logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        )
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()

@@ -1,0 +1,277 @@
+"""Stacked runs: each member of a stack is the single run of its seed, with the same files."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from hydra_plugins.structlearn_launcher.stacked import group_key
+from structlearn import runner
+from structlearn.run import CONF_DIR, execute, prepared
+from structlearn.run_state import Checkpoint
+from structlearn.stacked import STACKABLE_METHODS, Stack, train_stack, why_not
+
+from .test_cli import cli
+
+FORKS = multiprocessing.get_context("fork")
+SMALL = [
+    "logger=none",
+    "device=cpu",
+    "threads=1",
+    "analysis=none",
+    "print_config=false",
+    "dataset.n_samples=200",
+]
+# 144 training examples in batches of 16: 9 steps an epoch, 108 in 12 epochs; RigL rewires every 10 steps
+RIGL = [*SMALL, "method=rigl", "method.update_every=10", "schedule.batch_size=16", "schedule.epochs=12"]
+
+
+def _cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _stack(overrides: list[str], run_dirs: list[Path], seeds: list[int]) -> list[dict]:
+    with contextlib.ExitStack() as held:
+        runs = [
+            held.enter_context(prepared(_cfg(*overrides, f"seed={s}"), d))[0]
+            for s, d in zip(seeds, run_dirs, strict=True)
+        ]
+        return train_stack(runs)
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(f)]
+
+
+def _close(a: list[dict[str, str]], b: list[dict[str, str]], rel: float = 1e-5) -> bool:
+    return [r.keys() for r in a] == [r.keys() for r in b] and all(
+        float(x[k]) == pytest.approx(float(y[k]), rel=rel, abs=1e-7)
+        for x, y in zip(a, b, strict=True)
+        for k in x
+    )
+
+
+@pytest.fixture(scope="module")
+def singles(tmp_path_factory) -> dict[int, Path]:
+    """The single runs of seeds 0, 1, 2 (RigL, 108 steps), each with its per-step losses."""
+    out = {}
+    for seed in range(3):
+        run_dir = tmp_path_factory.mktemp(f"single{seed}")
+        losses = []
+        step = runner.train_step
+
+        def recording(*args, step=step, losses=losses, **kwargs):
+            result = step(*args, **kwargs)
+            losses.append(float(result.loss.detach()))
+            return result
+
+        runner.train_step = recording
+        try:
+            assert execute(_cfg(*RIGL, f"seed={seed}"), run_dir)["status"] == "completed"
+        finally:
+            runner.train_step = step
+        (run_dir / "losses.json").write_text(json.dumps(losses))
+        out[seed] = run_dir
+    return out
+
+
+def test_a_member_starts_as_its_single_run_and_follows_it_step_by_step(singles, tmp_path, monkeypatch):
+    """Same initial weights and masks; per-step losses within 1e-5 over the first 100 steps (RigL rewiring
+    every 10), the same events, and evaluation rows within 1e-5."""
+    started, losses = [], []
+    init = Stack.__init__
+
+    def stacking(self, runs):
+        started.extend(
+            (
+                {k: v.clone() for k, v in r.loop.model.state_dict().items()},
+                {k: m.clone() for k, m in r.method.masks.items()},
+            )
+            for r in runs
+        )
+        init(self, runs)
+
+    step = Stack.step
+
+    def recording(self, x, y, n):
+        results = step(self, x, y, n)
+        losses.append([float(r.loss.detach()) for r in results])
+        return results
+
+    monkeypatch.setattr(Stack, "__init__", stacking)
+    monkeypatch.setattr(Stack, "step", recording)
+    dirs = [tmp_path / str(s) for s in range(3)]
+    summaries = _stack(RIGL, dirs, [0, 1, 2])
+    assert [s["status"] for s in summaries] == ["completed"] * 3
+    for seed, run_dir in enumerate(dirs):
+        single = singles[seed]
+        weights, masks = started[seed]
+        with prepared(_cfg(*RIGL, f"seed={seed}"), tmp_path / f"fresh{seed}") as (run, _), run.locked():
+            loop, _ = run.start()  # the single run's start, built anew
+            assert all(torch.equal(weights[k], v) for k, v in loop.model.state_dict().items())
+            assert all(torch.equal(masks[k], m) for k, m in run.method.masks.items())
+            run.close()
+        expected = json.loads((single / "losses.json").read_text())
+        got = [row[seed] for row in losses]
+        assert len(got) == len(expected) == 108
+        assert got[:100] == pytest.approx(expected[:100], rel=1e-5)
+        assert (
+            (run_dir / "events.jsonl").read_text().count("\n")
+            == (single / "events.jsonl").read_text().count("\n")
+            > 5
+        )
+        assert _close(_rows(run_dir), _rows(single))
+        assert (
+            Checkpoint.load(single / "checkpoint.pt").position
+            == Checkpoint.load(run_dir / "checkpoint.pt").position
+        )
+
+
+def test_every_member_has_the_files_and_keys_of_its_single_run(singles, tmp_path):
+    dirs = [tmp_path / str(s) for s in range(2)]
+    _stack(RIGL, dirs, [0, 1])
+    for seed, run_dir in enumerate(dirs):
+        single = singles[seed]
+        assert sorted(p.name for p in run_dir.iterdir() if p.name != "losses.json") == sorted(
+            p.name for p in single.iterdir() if p.name != "losses.json"
+        )
+        a, b = (json.loads((d / "summary.json").read_text()) for d in (run_dir, single))
+        assert a.keys() == b.keys() and a["seed"] == seed and a["run_dir"] == str(run_dir)
+        assert (run_dir / "metrics.csv").read_text().splitlines()[0] == (
+            single / "metrics.csv"
+        ).read_text().splitlines()[0]
+        # a member's checkpoint holds its own tensors only, not the stack's
+        assert (
+            abs((run_dir / "checkpoint.pt").stat().st_size - (single / "checkpoint.pt").stat().st_size) < 2048
+        )
+
+
+def test_a_diverged_member_leaves_the_stack_and_the_others_are_untouched(singles, tmp_path, monkeypatch):
+    step = Stack.step
+
+    def poisoned(self, x, y, n):
+        if n == 20:
+            with torch.no_grad():
+                self.params[self.names[0]][1].fill_(float("nan"))
+        return step(self, x, y, n)
+
+    monkeypatch.setattr(Stack, "step", poisoned)
+    dirs = [tmp_path / str(s) for s in range(3)]
+    summaries = _stack(RIGL, dirs, [0, 1, 2])
+    assert [s["status"] for s in summaries] == ["completed", "diverged", "completed"]
+    assert "non-finite training loss" in summaries[1]["error"] and summaries[1]["epochs_completed"] == 2
+    for seed in (0, 2):
+        assert _close(_rows(dirs[seed]), _rows(singles[seed]))
+
+
+def _killed_stack(run_dirs: list[str], kill_at: int) -> None:
+    step = Stack.step
+
+    def dying(self, x, y, n):
+        if n == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, x, y, n)
+
+    Stack.step = dying
+    _stack(RIGL, [Path(d) for d in run_dirs], [0, 1])
+
+
+def test_a_killed_stack_resumes_every_member_exactly(singles, tmp_path):
+    dirs = [tmp_path / str(s) for s in range(2)]
+    child = FORKS.Process(target=_killed_stack, args=([str(d) for d in dirs], 50))  # mid-epoch 6
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == -signal.SIGKILL
+    assert all(Checkpoint.load(d / "checkpoint.pt").position.epoch == 5 for d in dirs)
+    apart = [tmp_path / f"apart{s}" for s in range(2)]  # a copy whose second member lost its checkpoint
+    for d, copy in zip(dirs, apart, strict=True):
+        shutil.copytree(d, copy)
+    (apart[1] / "checkpoint.pt").unlink()
+    # the same command again: each member continues from its checkpoint
+    assert [s["status"] for s in _stack(RIGL, dirs, [0, 1])] == ["completed"] * 2
+    # members that stand at different steps (one at its checkpoint, one at the start) each train alone
+    assert [s["status"] for s in _stack(RIGL, apart, [0, 1])] == ["completed"] * 2
+    for seed in range(2):
+        for run_dir in (dirs[seed], apart[seed]):
+            assert _close(_rows(run_dir), _rows(singles[seed]))
+            events = (run_dir / "events.jsonl").read_text()
+            assert events.count("\n") == (singles[seed] / "events.jsonl").read_text().count("\n")
+
+
+STACKABLE_YAMLS = ["dense", "static", "gmp", "set", "rigl", "snfs", "snip", "grasp", "synflow"]
+
+
+@pytest.mark.parametrize("method", STACKABLE_YAMLS)
+def test_every_stackable_method_yaml_trains_as_a_stack_of_three(method, tmp_path):
+    overrides = [*SMALL, f"method={method}", "schedule.epochs=1", "checkpoint=none"]
+    cfg = _cfg(*overrides)
+    assert why_not(_resolved(cfg)) is None
+    summaries = _stack(overrides, [tmp_path / str(s) for s in range(3)], [0, 1, 2])
+    assert [s["status"] for s in summaries] == ["completed"] * 3
+    assert len({s["final"]["train_loss"] for s in summaries}) == 3  # three seeds, three runs
+    assert {str(cfg.method._target_)} <= set(STACKABLE_METHODS)
+
+
+def _resolved(cfg):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["method=morphonet"], "method MorphoNet does not train in a stack"),
+        (["method=urn"], "method URN does not train in a stack"),
+        (["model.dropout=0.2"], "dropout draws from one global generator"),
+        (["method=imp"], "method Prunable does not train in a stack"),
+        (["precision=bf16"], "precision=bf16 does not train in a stack"),
+        (["early_stopping=val_loss"], "early stopping ends members at different epochs"),
+        (["model=resnet", "dataset=digits"], "model ResNet does not train in a stack"),
+    ],
+)
+def test_what_cannot_stack_says_why(overrides, says):
+    assert says in why_not(_resolved(_cfg(*overrides)))
+
+
+def test_jobs_group_by_everything_but_their_seed():
+    assert group_key(["seed=3", "method=rigl", "density=0.1"]) == group_key(
+        ["density=0.1", "method=rigl", "seed=4"]
+    )
+    assert group_key(["seed=3", "method=rigl"]) != group_key(["seed=3", "method=set"])
+
+
+def test_the_stacked_launcher_stacks_seeds_and_runs_the_rest_alone(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = cli(
+        "-m",
+        "seed=0,1",
+        "method=static,morphonet",
+        *SMALL,
+        "schedule.epochs=2",
+        "hydra/launcher=stacked",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    assert "stack of 2: jobs [0, 2]" in out
+    assert "job 1 runs alone: method MorphoNet does not train in a stack" in out
+    assert f"sweep {sweep}: 4 completed" in out
+    for job in range(4):
+        run_dir = sweep / str(job)
+        assert (run_dir / ".hydra" / "overrides.yaml").is_file() and (run_dir / "checkpoint.pt").is_file()
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert f"outputs: {sweep / '0'}" in (sweep / "0" / "structlearn.log").read_text()
