@@ -53,20 +53,34 @@ def test_the_project_root_is_the_environment_s_then_the_marked_folder_above_then
     assert (REPO / ".project-root").is_file()  # this checkout's top is marked
 
 
-def test_debug_default_from_another_directory_writes_under_the_root_and_prints_the_config_tree(tmp_path):
-    """One short run: the data cut to 256 examples, no checkpoint nor analysis, its own debug folder,
-    the outputs under paths.root wherever the command starts, and the config printed as a tree and saved."""
+def test_debug_and_the_switches_through_the_command_line_from_another_directory(tmp_path):
+    """debug=profile (debug=default's short run: the data cut to 256 examples, no checkpoint nor analysis, its
+    own debug folder; under the profiler) with early stopping, deterministic algorithms and fp16 as a user
+    types them; the outputs under paths.root wherever the command starts; the config printed as a tree and
+    saved."""
     root, cwd = tmp_path / "root", tmp_path / "somewhere" / "else"
     cwd.mkdir(parents=True)
-    done = _cli("method=static", "debug=default", "logger=none", cwd=cwd, env={"STRUCTLEARN_ROOT": str(root)})
+    switches = ["early_stopping=val_acc", "early_stopping.patience=1", "schedule.epochs=30"]
+    switches += ["deterministic=true", "precision=fp16"]
+    done = _cli(
+        "method=static",
+        "debug=profile",
+        *switches,
+        "logger=none",
+        cwd=cwd,
+        env={"STRUCTLEARN_ROOT": str(root)},
+    )
     assert done.returncode == 0, done.stderr
     (run_dir,) = (root / "outputs" / "debug" / "runs").glob("*/*")
     assert not list(cwd.iterdir())  # nothing where the command started
     rows = (run_dir / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 2 and rows[1].split(",")[1] == "4"  # one epoch of 256 / 64 steps
+    assert rows[1].split(",")[:2] == ["1", "4"]  # 256 / 64 steps an epoch
     assert not RunDir(run_dir).checkpoint.exists() and not (run_dir / "structure").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["tags"] == ["debug"]
+    assert summary["status"] == "completed" and summary["tags"] == ["debug", "profile"]
+    assert summary["stopped_early"]["epoch"] == summary["epochs_completed"] == len(rows) - 1 < 30
+    assert summary["deterministic"] is True and summary["precision"] == "fp16" and summary["grad_scale"] > 0
+    assert (run_dir / "profile" / "trace.json").is_file() and (run_dir / "profile" / "ops.txt").is_file()
     tree = (run_dir / CONFIG_TREE).read_text()
     assert done.stdout.startswith(tree)  # printed first, as saved
     assert "├── method\n│   ├── _target_: structlearn.methods.masked.Static" in tree
@@ -226,26 +240,3 @@ def test_pre_commit_runs_the_locked_ruff_on_the_folders_make_lint_checks():
     assert all(h["files"] == "^(src|tests|scripts)/" for h in ruff["hooks"])
     assert "ruff check src tests scripts" in makefile and "ruff format --check src tests scripts" in makefile
     assert "make lint" in (REPO / ".ci" / "run").read_text()
-
-
-def test_the_switches_through_the_command_line(tmp_path):
-    """Early stopping, deterministic algorithms, fp16 and the profiler, as a user types them."""
-    run_dir = tmp_path / "run"
-    done = _cli(
-        *SMALL,
-        "early_stopping=val_acc",
-        "early_stopping.patience=1",
-        "schedule.epochs=30",
-        "deterministic=true",
-        "precision=fp16",
-        "profile=true",
-        "print_config=false",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
-    assert not done.stdout.startswith("config\n") and (run_dir / CONFIG_TREE).is_file()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["stopped_early"]["epoch"] == summary["epochs_completed"] < 30
-    assert summary["deterministic"] is True and summary["precision"] == "fp16" and summary["grad_scale"] > 0
-    assert (run_dir / "profile" / "trace.json").is_file() and (run_dir / "profile" / "ops.txt").is_file()

@@ -294,7 +294,7 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(
         ("step", rng.randrange(1, total_steps)),  # anywhere in training, mid-epoch or not
         ("checkpoint", rng.randrange(2, 4)),  # in the middle of writing a checkpoint (not the first)
     ]
-    if name in ("dense", "rigl", "urn"):  # the record is the runner's: three methods show it is repaired
+    if name in ("dense", "rigl"):  # the record is the runner's, whatever the method: two show it is repaired
         kills.append(("row", rng.randrange(2, 4)))  # in the middle of a metrics row
     if name in ("morphonet", "urn"):  # methods whose final network differs from the last epoch's (a prune)
         kills.append(("summary", 1))  # after the finalised checkpoint: resuming must not finalise again
@@ -644,10 +644,15 @@ def test_resume_from_the_command_line_needs_only_the_run_directory(make_cfg, tmp
     assert "resumed at epoch" in resumed.stdout + resumed.stderr
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert _metrics(run_dir) == _metrics(reference)
+    files = {
+        p: p.read_bytes()
+        for p in run_dir.rglob("*")
+        if p.is_file() and ".hydra" not in p.parts and p.name != ".lock"
+    }
     different = cli(f"resume={run_dir}", "schedule.epochs=50", cwd=tmp_path)
     assert different.returncode == 2 and "schedule.epochs: 15 in the run's config, now 50" in different.stderr
-    again = cli(f"resume={run_dir}", cwd=tmp_path)  # the refused command changed nothing
-    assert again.returncode == 0 and "already completed" in again.stdout + again.stderr
+    # the refused command changed nothing of the run (Hydra's .hydra/ copy and the lock's pid aside)
+    assert {p: p.read_bytes() for p in files} == files
 
 
 # A run long enough (about 2 s of training) to be interrupted from outside while it trains.
@@ -791,7 +796,9 @@ EXTRA = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(EXTRA))
+@pytest.mark.parametrize(
+    "name", [pytest.param("fp16", marks=pytest.mark.slow), "early_stop"]
+)  # fp16's scale is checkpointed (test_conventions); its resume is the generic one: slow
 def test_fp16_and_early_stopping_runs_resume_exactly(make_cfg, tmp_path, name):
     reference = tmp_path / "reference"
     summary = execute(make_cfg(*BASE, *EXTRA[name]), reference)
