@@ -275,3 +275,11 @@ def test_the_stacked_launcher_stacks_seeds_and_runs_the_rest_alone(tmp_path):
         assert (run_dir / ".hydra" / "overrides.yaml").is_file() and (run_dir / "checkpoint.pt").is_file()
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert f"outputs: {sweep / '0'}" in (sweep / "0" / "structlearn.log").read_text()
+
+
+def test_a_method_that_cannot_stack_is_refused_by_the_stack_itself(tmp_path):
+    """Not only the launcher's grouping: the stack refuses MorphoNet (its masked layers are Linear subclasses
+    whose forward the stack's would skip), and every member's summary says so."""
+    with pytest.raises(ValueError, match="MorphoNet with 1 phase"):
+        _stack([*SMALL, "method=morphonet", "schedule.epochs=1"], [tmp_path / "0", tmp_path / "1"], [0, 1])
+    assert json.loads((tmp_path / "1" / "summary.json").read_text())["status"] == "failed"

@@ -102,6 +102,16 @@ class Stack:
         self.runs = list(runs)
         self.loops = [run.loop for run in self.runs]
         assert all(loop is not None for loop in self.loops)
+        for run in self.runs:
+            target = f"{type(run.method).__module__}.{type(run.method).__qualname__}"
+            if (
+                target not in STACKABLE_METHODS
+                or len(run.phases) > 1
+                or run.precision not in ("fp32", "tf32")
+            ):
+                raise ValueError(
+                    f"{target} with {len(run.phases)} phase(s) at {run.precision} does not train in a stack"
+                )
         models = [loop.model for loop in self.loops]
         self.names = [name for name, _ in models[0].named_parameters()]
         self.member_params = [dict(model.named_parameters()) for model in models]
@@ -312,7 +322,7 @@ def _layers_forward(model: nn.Module) -> Any:
     for name, module in layers.named_children():
         if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
             steps.append(lambda params, x: x.flatten(2))
-        elif isinstance(module, nn.Linear) and module.bias is not None:
+        elif type(module) is nn.Linear and module.bias is not None:  # a subclass may mask its weight
             weight, bias = f"net.{name}.weight", f"net.{name}.bias"
             steps.append(
                 lambda params, x, w=weight, b=bias: torch.baddbmm(

@@ -76,6 +76,7 @@ class MaskedMethod(Method):
         self.last_layer_dense = last_layer_dense
         self.erk_power_scale = float(erk_power_scale)
         self.masks: dict[str, Tensor] = {}
+        self._factors: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (mask, the mask in its weight's dtype)
         self._weights: dict[str, nn.Parameter] = {}
         self._generator = torch.Generator()
 
@@ -176,9 +177,21 @@ class MaskedMethod(Method):
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Set every masked weight to exactly zero (one fused multiply over all layers)."""
+        """Set every masked weight to exactly zero (one fused multiply over all layers).
+
+        The multiply uses the masks in their weights' dtype, converted once per mask: a bool mask would
+        be converted at every call (most of the cost of a masked step on a small model). Masks are
+        replaced when they change, never mutated, so a mask object seen before has the same entries.
+        """
         names = list(self.masks)
-        torch._foreach_mul_([self._weights[n] for n in names], [self.masks[n] for n in names])
+        torch._foreach_mul_([self._weights[n] for n in names], [self._factor(n) for n in names])
+
+    def _factor(self, name: str) -> Tensor:
+        """Mask ``name`` in its weight's dtype (0.0 / 1.0), converted again only when the mask is a new one."""
+        mask, held = self.masks[name], self._factors.get(name)
+        if held is None or held[0] is not mask:
+            held = self._factors[name] = (mask, mask.to(self._weights[name].dtype))
+        return held[1]
 
 
 class Static(MaskedMethod):
