@@ -1,6 +1,7 @@
 """W&B sink (offline, never the network), launcher and search configs, parallel and Optuna sweeps."""
 
 import json
+import os
 import struct
 import subprocess
 
@@ -52,6 +53,8 @@ def test_wandb_offline_one_run_per_job_grouped_by_sweep_and_named_by_overrides(t
             "logger=wandb",
             "logger.wandb.mode=offline",
             "tags=[study,v2]",
+            "logger.wandb.job_type=cell",
+            "logger.wandb.log_artifacts=true",
             "schedule.epochs=1",
             "dataset.n_samples=200",
             "device=cpu",
@@ -61,6 +64,8 @@ def test_wandb_offline_one_run_per_job_grouped_by_sweep_and_named_by_overrides(t
         capture_output=True,
         text=True,
         timeout=300,
+        # W&B's settings and artifact staging in the test's folder, never the user's
+        env={**os.environ, **{v: str(tmp_path / v.lower()) for v in ("WANDB_CONFIG_DIR", "WANDB_DATA_DIR")}},
     )  # both jobs in one process
     assert proc.returncode == 0, proc.stderr
     records = []
@@ -75,6 +80,15 @@ def test_wandb_offline_one_run_per_job_grouped_by_sweep_and_named_by_overrides(t
     assert all(r.project == "structlearn" for r in records)
     assert all(list(r.tags) == ["study", "v2"] for r in records)  # the run's top-level tags
     assert json.loads((sweep / "0" / "summary.json").read_text())["tags"] == ["study", "v2"]
+    assert all(r.job_type == "cell" for r in records)
+    # the run's results in the W&B summary (the structure analysis too), rows against epoch, the files opted in
+    kinds: dict[str, list] = {}
+    for kind, record in wandb_records(next((sweep / "0" / "wandb").glob("offline-run-*/run-*.wandb"))):
+        kinds.setdefault(kind, []).append(record)
+    keys = {item.key for summary in kinds["summary"] for item in summary.update}
+    assert "final/test_acc" in keys and any(k.startswith("structure_analysis/") for k in keys), sorted(keys)
+    assert {m.name: m.step_metric for m in kinds["metric"] if m.name}["val_acc"] == "epoch"
+    assert {a.type for a in kinds.get("artifact", [])} == {"model", "graph"}
 
 
 def test_wandb_failure_never_stops_training(make_cfg, tmp_path, monkeypatch):
