@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from hydra_plugins.structlearn_launcher.stacked import group_key
 from structlearn import runner
-from structlearn.run import CONF_DIR, execute, prepared
+from structlearn.run import CONF_DIR, execute, prepared, seed_group, seed_variant
 from structlearn.run_state import Checkpoint
 from structlearn.stacked import STACKABLE_METHODS, Stack, train_stack, why_not
 
@@ -225,8 +225,6 @@ def test_every_stackable_method_yaml_trains_as_a_stack_of_three(method, tmp_path
 
 
 def _resolved(cfg):
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -247,10 +245,27 @@ def test_what_cannot_stack_says_why(overrides, says):
 
 
 def test_jobs_group_by_everything_but_their_seed():
-    assert group_key(["seed=3", "method=rigl", "density=0.1"]) == group_key(
+    assert seed_group(["seed=3", "method=rigl", "density=0.1"]) == seed_group(
         ["density=0.1", "method=rigl", "seed=4"]
     )
-    assert group_key(["seed=3", "method=rigl"]) != group_key(["seed=3", "method=set"])
+    assert seed_group(["seed=3", "method=rigl"]) != seed_group(["seed=3", "method=set"])
+
+
+@pytest.mark.parametrize(
+    "cell", [["method=rigl", "density=0.2"], ["experiment=dst", "dataset=digits", "method=set"]]
+)
+def test_a_seed_variant_is_the_config_hydra_composes_for_that_seed(cell):
+    """A cell is composed once; its other seeds' configs are derived, and equal Hydra's own, Hydra node included."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        first = compose(config_name="config", overrides=["seed=0", *cell], return_hydra_config=True)
+        for seed in (1, 7):
+            job = [f"seed={seed}", *cell]
+            want = compose(config_name="config", overrides=job, return_hydra_config=True)
+            got = seed_variant(first, job)
+            assert OmegaConf.to_container(got) == OmegaConf.to_container(want)
+            assert (
+                got.dataset.seed == seed and got.hydra.job.override_dirname == want.hydra.job.override_dirname
+            )
 
 
 def test_the_stacked_launcher_stacks_seeds_and_runs_the_rest_alone(tmp_path):

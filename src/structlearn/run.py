@@ -8,26 +8,28 @@ sees a ``DictConfig``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra import compose
+from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from structlearn.methods.base import Plan
@@ -501,8 +503,41 @@ def grid_jobs(config: DictConfig) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def seed_group(overrides: Sequence[str]) -> tuple[str, ...]:
+    """What a job is without its seed: the jobs of one sweep cell differ in nothing else."""
+    return tuple(sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "seed"))
+
+
+def seed_variant(config: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """The config Hydra composes for ``overrides``, made from ``config``, composed for a job of the same cell.
+
+    The two jobs differ only in ``seed``, a plain value that selects no config group: setting it (and,
+    when ``config`` has its Hydra node, the task overrides and ``override_dirname`` they give) is all
+    that composing again would change, at about 0.2 s a job.
+    """
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    derived = copy.deepcopy(config)
+    with open_dict(derived):
+        for override in parsed:
+            if override.key_or_group == "seed":
+                derived.seed = override.value()
+        if "hydra" in derived:
+            task = [o for o in parsed if not o.is_hydra_override()]
+            derived.hydra.overrides.task = [o.input_line for o in task]
+            dirname = derived.hydra.job.config.override_dirname
+            derived.hydra.job.override_dirname = get_overrides_dirname(
+                overrides=task,
+                kv_sep=dirname.kv_sep,
+                item_sep=dirname.item_sep,
+                exclude_keys=dirname.exclude_keys,
+            )
+    return derived
+
+
 def preflight(config: DictConfig) -> None:
     """Compose and validate every job of a grid sweep before any is launched; one line per bad job.
+
+    The jobs of one cell (differing only in ``seed``) are composed once (:func:`seed_variant`).
 
     Raises:
         ConfigError: ``K of N jobs are invalid; nothing was launched``, then one line per bad job
@@ -510,9 +545,17 @@ def preflight(config: DictConfig) -> None:
     """
     jobs = grid_jobs(config)
     bad = []
+    cells: dict[tuple[str, ...], DictConfig] = {}
     for num, job in enumerate(jobs):
         try:
-            validate(compose(config_name=config.hydra.job.config_name, overrides=job))
+            cell = cells.get(seed_group(job))
+            if cell is None:
+                cell = cells[seed_group(job)] = compose(
+                    config_name=config.hydra.job.config_name, overrides=job
+                )
+                validate(cell)
+            else:
+                validate(seed_variant(cell, job))
         except ConfigError as exc:
             bad.append(f"job {num} ({' '.join(job)}): {' '.join(str(exc).split())}")
         except (HydraException, OmegaConfBaseException) as exc:

@@ -24,14 +24,10 @@ from hydra.types import TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hydra_plugins.structlearn_launcher.base import ContextLauncher
+from structlearn.run import seed_group, seed_variant
 from structlearn.utils import check, is_int
 
 log = logging.getLogger("structlearn")
-
-
-def group_key(overrides: Sequence[str]) -> tuple[str, ...]:
-    """What a job is without its seed: the jobs of one group differ in nothing else."""
-    return tuple(sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "seed"))
 
 
 class StackedLauncher(ContextLauncher):
@@ -53,13 +49,16 @@ class StackedLauncher(ContextLauncher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        configs = [self._job_config(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]
+        cells: dict[
+            tuple[str, ...], DictConfig
+        ] = {}  # each cell composed once (structlearn.run.seed_variant)
+        configs = [self._job_config(initial_job_idx + i, o, cells) for i, o in enumerate(job_overrides)]
         groups: dict[tuple[str, ...], list[int]] = {}
         alone: dict[int, str] = {}
         for i, overrides in enumerate(job_overrides):
             reason = why_not(self._resolved(configs[i]))
             if reason is None:
-                groups.setdefault(group_key(overrides), []).append(i)
+                groups.setdefault(seed_group(overrides), []).append(i)
             else:
                 alone[i] = reason
         stacks = []
@@ -74,7 +73,7 @@ class StackedLauncher(ContextLauncher):
         for chunk in stacks:
             nums = [initial_job_idx + i for i in chunk]
             log.info(
-                "stack of %d: jobs %s (%s)", len(chunk), nums, " ".join(group_key(job_overrides[chunk[0]]))
+                "stack of %d: jobs %s (%s)", len(chunk), nums, " ".join(seed_group(job_overrides[chunk[0]]))
             )
             results.update(zip(chunk, self._stack([configs[i] for i in chunk]), strict=True))
         for i, reason in sorted(alone.items()):
@@ -84,10 +83,19 @@ class StackedLauncher(ContextLauncher):
 
     # -- jobs -------------------------------------------------------------------------------------
 
-    def _job_config(self, num: int, overrides: Sequence[str]) -> DictConfig:
+    def _job_config(
+        self, num: int, overrides: Sequence[str], cells: dict[tuple[str, ...], DictConfig]
+    ) -> DictConfig:
+        """Job ``num``'s config, as the basic launcher composes it (once per cell, then by its seed)."""
         assert self.config is not None and self.hydra_context is not None
         log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        cell = cells.get(seed_group(overrides))
+        if cell is None:
+            config = cells[seed_group(overrides)] = self.hydra_context.config_loader.load_sweep_config(
+                self.config, list(overrides)
+            )
+        else:
+            config = seed_variant(cell, overrides)
         with open_dict(config):
             config.hydra.job.id = num
             config.hydra.job.num = num
