@@ -263,6 +263,21 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
             assert torch.equal(a[key], b[key]), key
 
 
+def _kill_and_resume(make_cfg, tmp_path: Path, overrides: list[str], kills, reference: Path) -> list[dict]:
+    """Each kill in a run of its own (SIGKILL at the point), then resumed: it must equal ``reference``."""
+    summaries = []
+    for i, (kind, n) in enumerate(kills):
+        run_dir = tmp_path / f"{kind}{i}"
+        _killed_run([*BASE, *overrides], run_dir, kind, n)
+        killed = run_dir / "summary.json"
+        assert not killed.exists() or json.loads(killed.read_text())["status"] != "completed"
+        summary = execute(make_cfg(*BASE, *overrides, f"resume={run_dir}"), run_dir)
+        assert summary["status"] == "completed", summary.get("error")
+        _assert_same_run(run_dir, reference)
+        summaries.append(summary)
+    return summaries
+
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> dict[str, Path]:
     return {}
@@ -298,15 +313,7 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(
         kills.append(("row", rng.randrange(2, 4)))  # in the middle of a metrics row
     if name in ("morphonet", "urn"):  # methods whose final network differs from the last epoch's (a prune)
         kills.append(("summary", 1))  # after the finalised checkpoint: resuming must not finalise again
-    for i, (kind, n) in enumerate(kills):
-        run_dir = tmp_path / f"{kind}{i}"
-        _killed_run([*BASE, *RUNS[name]], run_dir, kind, n)
-        assert (run_dir / "summary.json").exists() is False or json.loads(
-            (run_dir / "summary.json").read_text()
-        )["status"] != "completed"
-        summary = execute(make_cfg(*BASE, *RUNS[name], f"resume={run_dir}"), run_dir)
-        assert summary["status"] == "completed", summary.get("error")
-        _assert_same_run(run_dir, reference)
+    _kill_and_resume(make_cfg, tmp_path, RUNS[name], kills, reference)
 
 
 def test_killed_twice_and_resumed_twice(make_cfg, tmp_path, references, tmp_path_factory):
@@ -334,12 +341,7 @@ def test_a_kill_across_a_phase_boundary_resumes_exactly(
     kills = [("step", last_start + 1)]
     if name == "imp":  # IMP also inside a phase, and while its dense phase's last checkpoint is written
         kills += [("step", 3 * per_epoch + 1), ("checkpoint", 2)]
-    for i, (kind, n) in enumerate(kills):
-        run_dir = tmp_path / f"{kind}{i}"
-        _killed_run([*BASE, *PHASED[name]], run_dir, kind, n)
-        summary = execute(make_cfg(*BASE, *PHASED[name], f"resume={run_dir}"), run_dir)
-        assert summary["status"] == "completed", summary.get("error")
-        _assert_same_run(run_dir, reference)
+    _kill_and_resume(make_cfg, tmp_path, PHASED[name], kills, reference)
 
 
 def test_a_kill_during_the_first_checkpoint_leaves_nothing_to_resume(tmp_path):
@@ -810,11 +812,6 @@ def test_fp16_and_early_stopping_runs_resume_exactly(make_cfg, tmp_path, name):
     else:
         assert summary["grad_scale"] > 0
         kills = [("step", 5)]
-    for i, (kind, n) in enumerate(kills):
-        run_dir = tmp_path / f"{kind}{i}"
-        _killed_run([*BASE, *EXTRA[name]], run_dir, kind, n)
-        summary = execute(make_cfg(*BASE, *EXTRA[name], f"resume={run_dir}"), run_dir)
-        assert summary["status"] == "completed", summary.get("error")
-        _assert_same_run(run_dir, reference)
+    for summary in _kill_and_resume(make_cfg, tmp_path, EXTRA[name], kills, reference):
         for key in ("stopped_early", "grad_scale"):
             assert summary.get(key) == json.loads((reference / "summary.json").read_text()).get(key)
