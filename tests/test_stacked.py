@@ -236,7 +236,6 @@ def _resolved(cfg):
         (["model.dropout=0.2"], "dropout draws from one global generator"),
         (["method=imp"], "method Prunable does not train in a stack"),
         (["precision=bf16"], "precision=bf16 does not train in a stack"),
-        (["early_stopping=val_loss"], "early stopping ends members at different epochs"),
         (["model=resnet", "dataset=digits"], "model ResNet does not train in a stack"),
     ],
 )
@@ -298,3 +297,22 @@ def test_a_method_that_cannot_stack_is_refused_by_the_stack_itself(tmp_path):
     with pytest.raises(ValueError, match="MorphoNet with 1 phase"):
         _stack([*SMALL, "method=morphonet", "schedule.epochs=1"], [tmp_path / "0", tmp_path / "1"], [0, 1])
     assert json.loads((tmp_path / "1" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_members_stop_early_as_their_single_runs_and_the_others_go_on(tmp_path):
+    """Early stopping decides per member: each stops at its single run's epoch, with its rows and summary."""
+    overrides = [
+        *SMALL,
+        "method=static",
+        "early_stopping=val_acc",
+        "early_stopping.patience=1",
+        "schedule.epochs=15",
+        "schedule.optimizer.lr=0.05",
+    ]
+    singles = [execute(_cfg(*overrides, f"seed={s}"), tmp_path / f"single{s}") for s in range(3)]
+    stops = [s.get("stopped_early", {}).get("epoch") for s in singles]
+    assert len(set(stops)) > 1 and all(stops)  # the seeds stop at different epochs
+    stacked = _stack(overrides, [tmp_path / str(s) for s in range(3)], [0, 1, 2])
+    for seed, (single, member) in enumerate(zip(singles, stacked, strict=True)):
+        assert member["status"] == "completed" and member["stopped_early"] == single["stopped_early"]
+        assert _close(_rows(tmp_path / str(seed)), _rows(tmp_path / f"single{seed}"))

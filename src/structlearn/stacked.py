@@ -25,9 +25,9 @@ rules on a 1-member stack), so nothing routes through here unless asked (``hydra
 
 What stacks (:func:`why_not`): MLPs without dropout (dropout draws from one global generator for all
 members) under dense training and the mask methods whose step is elementwise (static, GMP, SET, RigL, SNFS,
-SNIP, GraSP, SynFlow), fp32 or tf32, one phase, no early stopping. A member that diverges is recorded as
-diverged and leaves the stack; the others go on. Measured speed-ups: ``scripts/bench_stacked.py`` and the
-README.
+SNIP, GraSP, SynFlow), fp32 or tf32, one phase. A member that diverges is recorded as diverged and leaves the
+stack, one that stops early (``early_stopping``) completes and leaves it; the others go on. Measured
+speed-ups: ``scripts/bench_stacked.py`` and the README.
 """
 
 from __future__ import annotations
@@ -80,8 +80,6 @@ def why_not(cfg: Mapping[str, Any]) -> str | None:
         return "a run of phases does not train in a stack"
     if cfg.get("precision") not in ("fp32", "tf32"):
         return f"precision={cfg.get('precision')} does not train in a stack (fp32 or tf32)"
-    if cfg.get("early_stopping"):
-        return "early stopping ends members at different epochs"
     if cfg.get("profile"):
         return "profile=true profiles one run"
     return None
@@ -393,8 +391,17 @@ def train_stack(runs: Sequence[Run]) -> list[dict[str, Any]]:
                     for k in started:
                         runs[k].loop.enter(runs[k].state, 0, runs[k].resume)
                     stack = Stack([runs[k] for k in started])
-                    for k in _epochs(stack, guard):
-                        close(started[k[0]], k[1])
+                    for i, exc in _epochs(stack, guard):
+                        k = started[i]
+                        if exc is not None:
+                            close(k, exc)
+                            continue
+                        try:  # stopped early: this member's run ends here, the others go on
+                            runs[k].complete()
+                        except Exception as error:
+                            close(k, error)
+                        else:
+                            close(k)
                     for i, k in enumerate(started):
                         if k not in closed and stack.alive[i]:
                             try:
@@ -425,8 +432,9 @@ def _check_aligned(runs: Sequence[Run]) -> None:
         )
 
 
-def _epochs(stack: Stack, guard: PreemptionGuard) -> Iterator[tuple[int, BaseException]]:
-    """Train the stack's epochs; yields ``(member, error)`` for each member that leaves it."""
+def _epochs(stack: Stack, guard: PreemptionGuard) -> Iterator[tuple[int, BaseException | None]]:
+    """Train the stack's epochs; yields ``(member, error)`` for each member that leaves it (``error`` None:
+    stopped early, its run complete)."""
     runs = stack.runs
     first = runs[0]
 
@@ -457,6 +465,12 @@ def _epochs(stack: Stack, guard: PreemptionGuard) -> Iterator[tuple[int, BaseExc
         runs[k].loop.epoch_done(runs[k].state, 0, epoch, metrics[k], signalled, held_out.get(k))
 
     for epoch in range(first.state.position.epoch, first.loop.plan.epochs):
+        for k in range(
+            len(runs)
+        ):  # early stopping: a member whose validation metric stalled leaves, complete
+            if stack.alive[k] and runs[k].loop.stopping(runs[k].state, 0):
+                stack.leave(k)
+                yield k, None
         live = [k for k in range(len(runs)) if stack.alive[k]]
         if not live:
             return
