@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -184,3 +186,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Tests marked ``gpu`` need CUDA: skipped, with the reason, where there is none."""
     if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (marked gpu)")
+
+
+@contextlib.contextmanager
+def handled(signum: int) -> Iterator[list[int]]:
+    """A handler for ``signum`` installed before a run (as submitit's is): it records the signals it gets."""
+    seen: list[int] = []
+    previous = signal.signal(signum, lambda received, frame: seen.append(received))
+    try:
+        yield seen
+    finally:
+        signal.signal(signum, previous)

@@ -48,7 +48,7 @@ from structlearn.runner import Checkpointing, OutOfMemory, train
 from structlearn.schedules import LRSchedule, TrainSchedule
 from structlearn.utils import ConfigError
 
-from .conftest import PYTHON, TINY_PLASTIC, TOY_SIZES
+from .conftest import PYTHON, TINY_PLASTIC, TOY_SIZES, handled
 from .test_cli import cli
 
 FORKS = multiprocessing.get_context("forkserver")
@@ -374,20 +374,22 @@ def test_sigterm_checkpoints_mid_epoch_exits_143_and_resumes_exactly(
     _assert_same_run(tmp_path, reference)
 
 
+def _signalled_run(make_cfg, tmp_path: Path, monkeypatch, signum: int, at: int) -> tuple[dict, list[int]]:
+    """The dense run, sent ``signum`` at step ``at``, with a recording handler installed before it."""
+    monkeypatch.setattr(
+        structlearn.runner, "train_step", _step_then(at, lambda: os.kill(os.getpid(), signum))
+    )
+    with handled(signum) as seen:
+        summary = execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every_epochs=0"), tmp_path)
+    return summary, seen
+
+
 def test_a_bypassed_signal_checkpoints_and_training_goes_on(
     make_cfg, tmp_path, references, tmp_path_factory, monkeypatch
 ):
     """submitit bypasses SIGTERM (it waits for its own signal): the run checkpoints and goes on."""
     reference = _reference(make_cfg, references, tmp_path_factory, "dense")
-    seen = []
-    monkeypatch.setattr(
-        structlearn.runner, "train_step", _step_then(9, lambda: os.kill(os.getpid(), signal.SIGUSR1))
-    )
-    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
-    try:
-        summary = execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every_epochs=0"), tmp_path)
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    summary, seen = _signalled_run(make_cfg, tmp_path, monkeypatch, signal.SIGUSR1, 9)
     assert seen == [signal.SIGUSR1]  # the handler installed before the run got the signal, once
     assert summary["status"] == "completed" and "interrupted" not in summary
     _assert_same_run(tmp_path, reference)
@@ -396,15 +398,7 @@ def test_a_bypassed_signal_checkpoints_and_training_goes_on(
 def test_the_sites_own_preemption_signal_is_watched_too(make_cfg, tmp_path, monkeypatch, caplog):
     """SUBMITIT_PREEMPT_SIGNAL=INT (submitit's setting): SIGINT checkpoints and goes to the handler before."""
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "INT")
-    seen = []
-    monkeypatch.setattr(
-        structlearn.runner, "train_step", _step_then(4, lambda: os.kill(os.getpid(), signal.SIGINT))
-    )
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
-    try:
-        summary = execute(make_cfg(*BASE, *RUNS["dense"], "checkpoint.every_epochs=0"), tmp_path)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    summary, seen = _signalled_run(make_cfg, tmp_path, monkeypatch, signal.SIGINT, 4)
     assert seen == [signal.SIGINT] and summary["status"] == "completed"
     assert "SIGINT received: checkpoint written; handing the signal on" in caplog.text
 

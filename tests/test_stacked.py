@@ -21,6 +21,7 @@ from structlearn.run import CONF_DIR, execute, prepared, seed_group, seed_varian
 from structlearn.run_state import Checkpoint
 from structlearn.stacked import STACKABLE_METHODS, Stack, train_stack, why_not
 
+from .conftest import handled
 from .test_cli import cli
 
 FORKS = multiprocessing.get_context("fork")
@@ -174,6 +175,25 @@ def test_a_diverged_member_leaves_the_stack_and_the_others_are_untouched(singles
     assert "non-finite training loss" in summaries[1]["error"] and summaries[1]["epochs_completed"] == 2
     for seed in (0, 2):
         assert _close(_rows(dirs[seed]), _rows(singles[seed]))
+
+
+def test_a_bypassed_signal_checkpoints_every_member_and_the_stack_goes_on(singles, tmp_path, monkeypatch):
+    """A signal whose handler lets the job go on (submitit bypasses SIGTERM) mid-epoch: every member's
+    checkpoint is written, and the members still train on their own batches, as their single runs."""
+    step = Stack.step
+
+    def signalled(self, x, y, n):
+        if n == 22:  # mid-epoch 3
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(self, x, y, n)
+
+    monkeypatch.setattr(Stack, "step", signalled)
+    dirs = [tmp_path / str(s) for s in range(3)]
+    with handled(signal.SIGUSR1) as seen:
+        summaries = _stack([*RIGL, "checkpoint.every_epochs=0"], dirs, [0, 1, 2])
+    assert seen == [signal.SIGUSR1] and [s["status"] for s in summaries] == ["completed"] * 3
+    for seed, run_dir in enumerate(dirs):
+        assert _close(_rows(run_dir), _rows(singles[seed]))
 
 
 def _killed_stack(run_dirs: list[str], kill_at: int) -> None:

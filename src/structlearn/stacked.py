@@ -121,7 +121,10 @@ class Stack:
                 p.data = stacked.data[k]  # the member's parameter is now a view of its slice
             self.params[name] = stacked
         self._name_of = {id(p): name for name, p in self.params.items()}
-        self.alive = torch.ones(len(self.runs), device=self.params[self.names[0]].device)
+        # the members still in the stack, kept on the host (reading a device tensor per member would
+        # synchronise at every step); the weights of their losses, on the device
+        self.live: list[int] = list(range(len(self.runs)))
+        self.weights = torch.ones(len(self.runs), device=self.params[self.names[0]].device)
         self._forward = _layers_forward(models[0]) or _vmapped_forward(models[0])
         self._grads: dict[str, Tensor | None] = dict.fromkeys(self.names)  # the stacked grads members view
         self._views: dict[str, list[Tensor | None]] = {name: [] for name in self.names}
@@ -203,18 +206,15 @@ class Stack:
         The members' epoch sums are added here, in one operation for all (their :meth:`_Loop.stepped`
         is then told not to add them).
         """
-        loops, live = self.loops, [k for k in range(len(self.runs)) if self.alive[k]]
+        loops, live = self.loops, self.live
         _set_lrs(self.slots, step)
         for k in live:
             _set_lrs(loops[k].slots, step)
         logits = self._forward(self.params, x)
-        n, b, c = logits.shape
-        losses = (
-            F.cross_entropy(logits.reshape(n * b, c), y.reshape(n * b), reduction="none").view(n, b).mean(1)
-        )
+        losses = _member_losses(logits, y).mean(1)
         for slot in self.slots:  # gradients stay allocated: each member's is a view of its slice
             slot.optimizer.zero_grad(set_to_none=False)
-        (losses * self.alive).sum().backward()
+        (losses * self.weights).sum().backward()
         self.link_grads(live)
         for k in live:
             loops[k].method.after_backward(loops[k].model, step)
@@ -278,36 +278,46 @@ class Stack:
     @torch.no_grad()
     def held_out(self) -> dict[int, dict[str, float]]:
         """Every member's validation and test loss and accuracy, evaluated together (``_Loop.evaluate_held_out``'s)."""
-        loops, live = self.loops, [k for k in range(len(self.runs)) if self.alive[k]]
+        loops, live = self.loops, self.live
         first = loops[live[0]]
         out: dict[int, dict[str, float]] = {k: {} for k in live}
         for split in ("val", "test") if first.data.has_val else ("test",):
             for k in live:
                 loops[k].method.before_evaluation(loops[k].model, split)
             streams = [loops[k].data.eval_batches(first.batch_size * 4, split=split) for k in live]
-            loss = torch.zeros(len(self.runs), device=self.alive.device)
-            correct = torch.zeros(len(self.runs), device=self.alive.device, dtype=torch.long)
+            order = list(live)
+            loss = torch.zeros(len(self.runs), device=self.weights.device)
+            correct = torch.zeros(len(self.runs), device=self.weights.device, dtype=torch.long)
             seen = 0
             for batch in zip(*streams, strict=True):
-                drawn = [batch[live.index(k)] if k in live else batch[0] for k in range(len(self.runs))]
+                drawn = self.fill(batch, order)
                 x, y = torch.stack([x for x, _ in drawn]), torch.stack([y for _, y in drawn])
                 logits = self._forward(self.params, x).float()
-                n, b, c = logits.shape
-                loss += (
-                    F.cross_entropy(logits.reshape(n * b, c), y.reshape(n * b), reduction="none")
-                    .view(n, b)
-                    .sum(1)
-                )
+                loss += _member_losses(logits, y).sum(1)
                 correct += (logits.argmax(dim=2) == y).sum(dim=1)
-                seen += b
+                seen += y.shape[1]
             for k, (total, right) in enumerate(zip(loss.tolist(), correct.tolist(), strict=True)):
                 if k in out:
                     out[k].update({f"{split}_loss": total / seen, f"{split}_acc": right / seen})
         return out
 
+    def fill(self, drawn: Sequence[Any], order: Sequence[int]) -> list[Any]:
+        """Every member's batch from ``drawn``, the batches of the members ``order`` (those in the stack when
+        they were drawn): one that left gets another's (its slice is computed and not used)."""
+        return [drawn[order.index(k)] if k in order else drawn[0] for k in range(len(self.runs))]
+
     def leave(self, k: int) -> None:
-        """Member ``k`` stops (diverged or failed): its loss no longer counts, its hooks no longer run."""
-        self.alive[k] = 0.0
+        """Member ``k`` stops (diverged, failed or stopped early): its loss no longer counts, its hooks no
+        longer run."""
+        if k in self.live:
+            self.live.remove(k)
+            self.weights[k] = 0.0
+
+
+def _member_losses(logits: Tensor, y: Tensor) -> Tensor:
+    """Each member's cross-entropy per example: ``logits`` (members, batch, classes), ``y`` (members, batch)."""
+    n, b, c = logits.shape
+    return F.cross_entropy(logits.reshape(n * b, c), y.reshape(n * b), reduction="none").view(n, b)
 
 
 def _layers_forward(model: nn.Module) -> Any:
@@ -403,7 +413,7 @@ def train_stack(runs: Sequence[Run]) -> list[dict[str, Any]]:
                         else:
                             close(k)
                     for i, k in enumerate(started):
-                        if k not in closed and stack.alive[i]:
+                        if k not in closed and i in stack.live:
                             try:
                                 runs[k].complete()
                             except Exception as exc:  # this member's end failed: the others still end
@@ -440,13 +450,12 @@ def _epochs(stack: Stack, guard: PreemptionGuard) -> Iterator[tuple[int, BaseExc
 
     def each(action: Any, *args: Any) -> Iterator[tuple[int, BaseException]]:
         """``action(k, *args)`` for every member still in the stack; one that fails leaves it."""
-        for k in range(len(runs)):
-            if stack.alive[k]:
-                try:
-                    action(k, *args)
-                except Exception as exc:  # Diverged, or this member's own failure: the others go on
-                    stack.leave(k)
-                    yield k, exc
+        for k in list(stack.live):
+            try:
+                action(k, *args)
+            except Exception as exc:  # Diverged, or this member's own failure: the others go on
+                stack.leave(k)
+                yield k, exc
 
     def stepped(
         k: int, epoch: int, drawn: Sequence[tuple[int, Tensor, Tensor]], results: list[StepResult]
@@ -465,29 +474,26 @@ def _epochs(stack: Stack, guard: PreemptionGuard) -> Iterator[tuple[int, BaseExc
         runs[k].loop.epoch_done(runs[k].state, 0, epoch, metrics[k], signalled, held_out.get(k))
 
     for epoch in range(first.state.position.epoch, first.loop.plan.epochs):
-        for k in range(
-            len(runs)
-        ):  # early stopping: a member whose validation metric stalled leaves, complete
-            if stack.alive[k] and runs[k].loop.stopping(runs[k].state, 0):
+        # early stopping: a member whose validation metric stalled leaves the stack, its run complete
+        for k in list(stack.live):
+            if runs[k].loop.stopping(runs[k].state, 0):
                 stack.leave(k)
                 yield k, None
-        live = [k for k in range(len(runs)) if stack.alive[k]]
-        if not live:
+        if not stack.live:
             return
-        batches = [runs[k].loop.epoch_batches(runs[k].state, epoch) for k in live]
+        order = list(stack.live)  # members may leave during the epoch: their streams stay in the zip
+        batches = [runs[k].loop.epoch_batches(runs[k].state, epoch) for k in order]
         for batch in zip(*batches, strict=True):
-            # a member that left the stack gets another's batch: its slice is computed and not used
-            drawn = [batch[live.index(k)] if k in live else batch[0] for k in range(len(runs))]
+            drawn = stack.fill(batch, order)
             results = stack.step(
                 torch.stack([x for _, x, _ in drawn]), torch.stack([y for _, _, y in drawn]), _step(stack)
             )  # the members' sums included
             yield from each(stepped, epoch, drawn, results)
             if guard.pending:
                 signums = guard.take()
-                live = [run for k, run in enumerate(runs) if stack.alive[k]]
-                for run in live:
-                    run.loop.check_live(run.state, epoch)  # never save NaNs
-                guard.forward(signums, any([run.loop.save(run.state) for run in live]))
+                for k in stack.live:
+                    runs[k].loop.check_live(runs[k].state, epoch)  # never save NaNs
+                guard.forward(signums, any([runs[k].loop.save(runs[k].state) for k in stack.live]))
         metrics.clear()
         yield from each(ended, epoch)
         held_out.clear()
@@ -500,5 +506,4 @@ def _epochs(stack: Stack, guard: PreemptionGuard) -> Iterator[tuple[int, BaseExc
 
 def _step(stack: Stack) -> int:
     """The step of the stack (read from a member still in it)."""
-    k = next(k for k in range(len(stack.runs)) if stack.alive[k])
-    return stack.runs[k].state.position.step
+    return stack.runs[stack.live[0]].state.position.step
