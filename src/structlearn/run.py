@@ -632,10 +632,7 @@ def app(cfg: DictConfig) -> float | None:
         if not multirun:
             print(f"structlearn: error: {exc}", file=sys.stderr)
             sys.exit(2)
-        # one line in the job's log and its failed summary; the sweep goes on, its tally counts it
-        log.error("job %s failed: %s", HydraConfig.get().job.num, exc)
-        FAILED_JOBS.append(str(exc))
-        return failed_objective(cfg)
+        return config_failed(cfg, exc)
     except WriteError as exc:  # a full disk or a read-only file system: one line, the summary says which file
         if not multirun:
             print(f"structlearn: error: {exc}", file=sys.stderr)
@@ -649,20 +646,29 @@ def app(cfg: DictConfig) -> float | None:
             log.exception("job failed: %s: %s", type(exc).__name__, exc)
             return float(failed_value)
         raise
-    if summary["status"] == "diverged":
+    if summary["status"] == "diverged" and not multirun:
         log.error("run diverged: %s", summary.get("error"))
-        if not multirun:
-            print(f"structlearn: run diverged: {summary.get('error')} ({run_dir.path})", file=sys.stderr)
-            sys.exit(DIVERGED_EXIT)
-    log.info("outputs: %s", run_dir.path)
-    return objective(summary, metric, failed_value)
+        print(f"structlearn: run diverged: {summary.get('error')} ({run_dir.path})", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT)
+    return job_result(cfg, summary, run_dir.path)
 
 
 DIVERGED_EXIT = 3
 
 
-def failed_objective(cfg: DictConfig) -> float | None:
-    """What a job that failed on its config returns to a sweeper: ``failed_value`` when it optimises one."""
+def job_result(cfg: DictConfig, summary: dict[str, Any], run_dir: Path) -> float | None:
+    """A job that ran: a diverged one said in the log, where its outputs are, and what it returns to a sweeper."""
+    if summary["status"] == "diverged":
+        log.error("run diverged: %s", summary.get("error"))
+    log.info("outputs: %s", run_dir)
+    return objective(summary, cfg.get("optimized_metric"), cfg.get("failed_value"))
+
+
+def config_failed(cfg: DictConfig, exc: ConfigError) -> float | None:
+    """A job of a multirun refused on its config: one line in its log, counted for the sweep's exit status;
+    it returns ``failed_value`` to a sweeper that optimises one. The sweep goes on."""
+    log.error("job %s failed: %s", HydraConfig.get().job.num, exc)
+    FAILED_JOBS.append(str(exc))
     metric, failed_value = cfg.get("optimized_metric"), cfg.get("failed_value")
     valid = isinstance(failed_value, int | float) and not isinstance(failed_value, bool)
     return float(failed_value) if metric and valid else None

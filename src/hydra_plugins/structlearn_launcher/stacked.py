@@ -141,12 +141,8 @@ class StackedLauncher(ContextLauncher):
                     run_dir = HydraConfig.get().runtime.output_dir
                     try:
                         run, finished = held.enter_context(app.prepared(cfg, run_dir))
-                    except (
-                        app.ConfigError
-                    ) as exc:  # as the app answers it in a multirun: this job alone fails
-                        log.error("job %s failed: %s", HydraConfig.get().job.num, exc)
-                        app.FAILED_JOBS.append(str(exc))
-                        return app.failed_objective(cfg)
+                    except app.ConfigError as exc:  # as the app answers it: this job alone fails
+                        return app.config_failed(cfg, exc)
                     if run is None:
                         return app.objective(finished, cfg.get("optimized_metric"), cfg.get("failed_value"))
                     members.append((position, run))
@@ -156,23 +152,13 @@ class StackedLauncher(ContextLauncher):
             if members:
                 with _member_logs([Path(run.run_dir.path) for _, run in members]):
                     summaries = train_stack([run for _, run in members])
-                    for _, run in members:
-                        log.info("outputs: %s", run.run_dir.path)
-                for (position, _), summary in zip(members, summaries, strict=True):
-                    returns[position] = _finished(returns[position], configs[position], summary)
+                    for (position, run), summary in zip(members, summaries, strict=True):
+                        # the member's job return, as the app's: what a sweeper reads
+                        returns[position].status = JobStatus.COMPLETED
+                        returns[position].return_value = app.job_result(
+                            configs[position], summary, run.run_dir.path
+                        )
         return returns
-
-
-def _finished(ret: JobReturn, config: DictConfig, summary: dict[str, Any]) -> JobReturn:
-    """The member's job return once the stack has trained: the objective a sweeper reads, as the app's."""
-    from structlearn import run as app
-
-    if summary.get("status") == "diverged":
-        log.error("run diverged: %s", summary.get("error"))
-    metric, failed_value = config.get("optimized_metric"), config.get("failed_value")
-    ret.status = JobStatus.COMPLETED
-    ret.return_value = app.objective(summary, metric, failed_value)
-    return ret
 
 
 @contextlib.contextmanager
