@@ -122,7 +122,7 @@ def test_debug_profile_writes_a_trace_and_an_operator_table(make_cfg, tmp_path):
 
 def test_the_config_tree_shows_every_value_groups_first(make_cfg):
     cfg = make_cfg("method=rigl")
-    tree = config_tree(cfg)
+    tree = config_tree(OmegaConf.to_container(cfg, resolve=True))
     top = [line[4:].split(":")[0] for line in tree.splitlines() if line[:4] in ("├── ", "└── ")]
     assert top[:4] == ["dataset", "model", "method", "schedule"]
     assert sorted(top) == sorted(cfg.keys())

@@ -15,7 +15,7 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -294,7 +294,7 @@ def prepared(
             yield None, start.finished
             return
         run_dir.mark(_overrides(), config)
-        show_config(cfg, run_dir)
+        show_config(config, run_dir)  # the config resolved once, above
         try:
             seed, device, precision = _scalars(cfg)
             torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
@@ -365,12 +365,8 @@ def _build(cfg: DictConfig, shape: tuple[tuple[int, ...], int] | None = None) ->
 GROUPS_FIRST = ("dataset", "model", "method", "schedule", "phases", "early_stopping", "logger", "analysis")
 
 
-def config_tree(cfg: DictConfig) -> str:
-    """The composed config as a tree: the groups first (in the order a run uses them), then the settings."""
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException:  # the run reports what fails to resolve; show it as written
-        plain = OmegaConf.to_container(cfg, resolve=False)
+def config_tree(plain: Mapping[str, Any]) -> str:
+    """The resolved config as a tree: the groups first (in the order a run uses them), then the settings."""
     order = [k for k in GROUPS_FIRST if k in plain] + [k for k in plain if k not in GROUPS_FIRST]
     lines = ["config"]
 
@@ -394,12 +390,13 @@ def _flat_list(value: Any) -> bool:
     return isinstance(value, list) and not any(isinstance(v, dict | list) for v in value)
 
 
-def show_config(cfg: DictConfig, run_dir: RunDir) -> None:
-    """Save the config tree in the run directory; print it at the start of a single run (``print_config``)."""
-    tree = config_tree(cfg)
+def show_config(config: Mapping[str, Any], run_dir: RunDir) -> None:
+    """Save the (resolved) config's tree in the run directory; print it at the start of a single run
+    (``print_config``)."""
+    tree = config_tree(config)
     (run_dir / CONFIG_TREE).write_text(tree)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if cfg.get("print_config", True) is True and not multirun:
+    if config.get("print_config", True) is True and not multirun:
         print(tree, end="", flush=True)
 
 
