@@ -40,8 +40,8 @@ from structlearn.run import CONF_DIR, prepared
 from structlearn.runner import train_run
 from structlearn.stacked import Stack, train_stack
 
-METHODS = ("dense", "static", "gmp", "set", "rigl")
-NOT_STACKED = {"morphonet": "its loss term reads each member's own parameters", "urn": "the URN model"}
+METHODS = ("dense", "static", "gmp", "set", "rigl", "morphonet")
+NOT_STACKED = {"urn": "the URN model"}
 OFF = ["logger=none", "analysis=none", "checkpoint=none", "device=cpu", "print_config=false"]
 
 
@@ -96,10 +96,10 @@ def ratio(ta: list[float], tb: list[float]) -> str:
     return f"{med:5.2f}x (minima {low:5.2f}x)"
 
 
-def training_alone(n: int, epochs: int, repeats: int) -> None:
+def training_alone(n: int, epochs: int, repeats: int, methods: tuple[str, ...] = METHODS) -> None:
     print(f"(a) training alone: N = {n} members, {epochs} epochs; N runs one after another / one stack")
     for dataset in ("moons", "digits"):
-        for method in METHODS:
+        for method in methods:
             overrides = [*OFF, f"dataset={dataset}", f"method={method}", f"schedule.epochs={epochs}"]
             memory: list[int] = []
 
@@ -143,14 +143,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(METHODS), help="(a)'s methods, comma-separated")
+    parser.add_argument("--no-sweep", action="store_true", help="(a) only")
     args = parser.parse_args()
+    methods = tuple(args.methods.split(","))
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {args.threads}, {sys.platform}")
     if args.quick:
-        training_alone(3, 2, 1)
+        training_alone(3, 2, 1, methods)
         sweep_cell(3, 2, 1)
         return
-    training_alone(10, 10, args.repeats)
+    training_alone(10, 10, args.repeats, methods)
+    if args.no_sweep:
+        return
     sweep_cell(10, 10, args.repeats)
     sweep_cell(50, 10, 1)
 

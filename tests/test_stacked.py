@@ -230,7 +230,46 @@ def test_a_killed_stack_resumes_every_member_exactly(singles, tmp_path):
             assert events.count("\n") == (singles[seed] / "events.jsonl").read_text().count("\n")
 
 
-STACKABLE_YAMLS = ["dense", "static", "gmp", "set", "rigl", "snfs", "snip", "grasp", "synflow"]
+def test_a_morphonet_member_follows_its_single_run_loss_term_included(tmp_path):
+    """MorphoNet: weights drawn from the global generator (as the member's single run draws them), two
+    optimisers, a clipped global norm and the sparsity penalty per member; losses, rows and the penalty's
+    column agree within 1e-5."""
+    overrides = [*SMALL, "method=morphonet", "schedule.batch_size=16", "schedule.epochs=3", "checkpoint=none"]
+    singles, stacked = [], []
+    step = runner.train_step
+
+    def single(*args, **kwargs):
+        result = step(*args, **kwargs)
+        singles[-1].append(float(result.loss.detach()))
+        return result
+
+    for seed in range(2):
+        singles.append([])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(runner, "train_step", single)
+            assert (
+                execute(_cfg(*overrides, f"seed={seed}"), tmp_path / f"single{seed}")["status"] == "completed"
+            )
+    together = Stack.step
+
+    def recording(self, x, y, n):
+        results = together(self, x, y, n)
+        stacked.append([float(r.loss.detach()) for r in results])
+        return results
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Stack, "step", recording)
+        _stack(overrides, [tmp_path / "0", tmp_path / "1"], [0, 1])
+    for seed in range(2):
+        assert [row[seed] for row in stacked] == pytest.approx(singles[seed], rel=1e-5)
+        rows = _rows(tmp_path / str(seed))
+        assert "loss/sparsity" in rows[0] and _close(rows, _rows(tmp_path / f"single{seed}"))
+
+
+STACKABLE_YAMLS = [
+    *("dense", "static", "gmp", "set", "rigl", "snfs", "snip", "grasp", "synflow"),
+    *("morphonet", "morphonet_fixed50"),
+]
 
 
 @pytest.mark.parametrize("method", STACKABLE_YAMLS)
@@ -251,7 +290,7 @@ def _resolved(cfg):
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        (["method=morphonet"], "method MorphoNet does not train in a stack"),
+        (["method=plasticnet", "model=plastic_resnet"], "method PlasticNet does not train in a stack"),
         (["method=urn"], "method URN does not train in a stack"),
         (["model.dropout=0.2"], "dropout draws from one global generator"),
         (["method=imp"], "method Prunable does not train in a stack"),
@@ -292,7 +331,8 @@ def test_the_stacked_launcher_stacks_seeds_and_runs_the_rest_alone(tmp_path):
     done = cli(
         "-m",
         "seed=0,1",
-        "method=static,morphonet",
+        "method=static",
+        "model.dropout=0.0,0.1",
         *SMALL,
         "schedule.epochs=2",
         "hydra/launcher=stacked",
@@ -302,7 +342,7 @@ def test_the_stacked_launcher_stacks_seeds_and_runs_the_rest_alone(tmp_path):
     assert done.returncode == 0, done.stderr
     out = done.stdout + done.stderr
     assert "stack of 2: jobs [0, 2]" in out
-    assert "job 1 runs alone: method MorphoNet does not train in a stack" in out
+    assert "job 1 runs alone: dropout draws from one global generator" in out
     assert f"sweep {sweep}: 4 completed" in out
     for job in range(4):
         run_dir = sweep / str(job)
@@ -312,10 +352,10 @@ def test_the_stacked_launcher_stacks_seeds_and_runs_the_rest_alone(tmp_path):
 
 
 def test_a_method_that_cannot_stack_is_refused_by_the_stack_itself(tmp_path):
-    """Not only the launcher's grouping: the stack refuses MorphoNet (its masked layers are Linear subclasses
-    whose forward the stack's would skip), and every member's summary says so."""
-    with pytest.raises(ValueError, match="MorphoNet with 1 phase"):
-        _stack([*SMALL, "method=morphonet", "schedule.epochs=1"], [tmp_path / "0", tmp_path / "1"], [0, 1])
+    """Not only the launcher's grouping: the stack refuses IMP (a run of phases), and every member's summary
+    says so."""
+    with pytest.raises(ValueError, match="Prunable with 5 phase"):
+        _stack([*SMALL, "method=imp", "schedule.epochs=1"], [tmp_path / "0", tmp_path / "1"], [0, 1])
     assert json.loads((tmp_path / "1" / "summary.json").read_text())["status"] == "failed"
 
 

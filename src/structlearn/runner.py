@@ -1000,6 +1000,9 @@ class Run:
     state: RunState | None = None
     recorder: Recorder | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    # the global generator as the run was made: its start draws from it as a run started at once would
+    # (MorphoNet's weight initialisation), even when other runs were made in between (a stack's members)
+    rng_state: Tensor = field(default_factory=torch.random.get_rng_state)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -1034,6 +1037,7 @@ class Run:
     def start(self) -> tuple[_Loop, RunState]:
         """Data on the device, the loop set up, its state fresh or restored, the sinks started."""
         assert self.recorder is not None
+        torch.random.set_rng_state(self.rng_state)
         data = self.data.to(self.device)
         plan = Plan(
             boundaries(self.phases)[-1],

@@ -24,8 +24,10 @@ run's. The single run keeps the plain loop: a stack of one costs more than the p
 rules on a 1-member stack), so nothing routes through here unless asked (``hydra/launcher=stacked``).
 
 What stacks (:func:`why_not`): MLPs without dropout (dropout draws from one global generator for all
-members) under dense training and the mask methods whose step is elementwise (static, GMP, SET, RigL, SNFS,
-SNIP, GraSP, SynFlow), fp32 or tf32, one phase. A member that diverges is recorded as diverged and leaves the
+members) under dense training, the mask methods whose step is elementwise (static, GMP, SET, RigL, SNFS,
+SNIP, GraSP, SynFlow) and MorphoNet, fp32 or tf32, one phase. A method's extra loss terms (MorphoNet's
+sparsity penalty) are computed once for all members by the first member's method, from what the stacked
+forward leaves in its layers (the soft masks with a member dimension): one value per member. A member that diverges is recorded as diverged and leaves the
 stack, one that stops early (``early_stopping``) completes and leaves it; the others go on. Measured
 speed-ups: ``scripts/bench_stacked.py`` and the README.
 """
@@ -33,6 +35,7 @@ speed-ups: ``scripts/bench_stacked.py`` and the README.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from structlearn.methods.base import Method, OptimizerSlot, clip_gradients
+from structlearn.methods.morphonet import MorphoLinear
 from structlearn.preemption import PreemptionGuard
 from structlearn.runner import Diverged, Run, StepResult, _set_lrs, logits_of, train_run
 
@@ -59,6 +63,7 @@ STACKABLE_METHODS = (
     "structlearn.methods.prune_init.SNIP",
     "structlearn.methods.prune_init.GraSP",
     "structlearn.methods.prune_init.SynFlow",
+    "structlearn.methods.morphonet.MorphoNet",
 )
 STACKABLE_MODELS = ("structlearn.models.mlp.MLP",)
 STACKABLE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -133,6 +138,7 @@ class Stack:
         self._hooked = any(
             type(loop.method).after_backward is not Method.after_backward for loop in self.loops
         )
+        self._extra = type(self.loops[0].method).extra_loss is not Method.extra_loss
         self.slots = self._stacked_slots()
         self._stated = [0] * len(self.slots)
         self.stack_states()
@@ -212,9 +218,11 @@ class Stack:
             _set_lrs(loops[k].slots, step)
         logits = self._forward(self.params, x)
         losses = _member_losses(logits, y).mean(1)
+        extras = self.extra_losses(step)
         for slot in self.slots:  # gradients stay allocated: each member's is a view of its slice
             slot.optimizer.zero_grad(set_to_none=False)
-        (losses * self.weights).sum().backward()
+        total = losses + sum(extras.values()) if extras else losses
+        (total * self.weights).sum().backward()
         self.link_grads(live)
         for k in live:
             loops[k].method.after_backward(loops[k].model, step)
@@ -224,9 +232,28 @@ class Stack:
         for slot in self.slots:
             slot.optimizer.step()
         self.link_states()
-        self.add_sums(live, losses, logits, y)
+        self.add_sums(live, losses, logits, y, extras)
         events = {k: loops[k].method.after_step(loops[k].model, step, loops[k].slots) for k in live}
-        return [StepResult(losses[k], logits[k], {}, events.get(k, {})) for k in range(len(self.runs))]
+        return [
+            StepResult(losses[k], logits[k], {name: v[k] for name, v in extras.items()}, events.get(k, {}))
+            for k in range(len(self.runs))
+        ]
+
+    def extra_losses(self, step: int) -> dict[str, Tensor]:
+        """The members' extra loss terms, one value per member: the first member's method computes them
+        from what the stacked forward left in its layers (MorphoNet's soft masks, with a member dimension);
+        the members share its hyper-parameters and schedules."""
+        if not self._extra:
+            return {}
+        first = self.loops[0]
+        extras = first.method.extra_loss(first.model, None, step)
+        for name, value in extras.items():
+            if value.shape != (len(self.runs),):
+                raise ValueError(
+                    f"the extra loss {name!r} of {type(first.method).__name__} has shape {tuple(value.shape)}, "
+                    f"not one value per member ({len(self.runs)},)"
+                )
+        return extras
 
     def link_grads(self, live: Sequence[int]) -> None:
         """Each member's gradients: views of its slices of the stacked ones (again only when those are new)."""
@@ -261,17 +288,26 @@ class Stack:
                 if grad is not views[k]:
                     stacked[k].copy_(grad)
 
-    def add_sums(self, live: Sequence[int], losses: Tensor, logits: Tensor, y: Tensor) -> None:
+    def add_sums(
+        self, live: Sequence[int], losses: Tensor, logits: Tensor, y: Tensor, extras: Mapping[str, Tensor]
+    ) -> None:
         """Add the step to every member's epoch sums: one operation on stacked sums the members' view."""
         states = [self.runs[k].state for k in range(len(self.runs))]
         if any(states[k].sums is not self._sums[k] for k in live):  # an epoch began: new sums to view
             self.loss_sums = torch.stack([st.sums.loss for st in states])
             self.correct_sums = torch.stack([st.sums.correct for st in states])
+            self.extra_sums = {
+                name: torch.stack([_float_sum(st.sums.extras.get(name), self.loss_sums) for st in states])
+                for name in extras
+            }
             for k, st in enumerate(states):
                 st.sums.loss, st.sums.correct = self.loss_sums[k], self.correct_sums[k]
+                st.sums.extras.update({name: sums[k] for name, sums in self.extra_sums.items()})
                 self._sums[k] = st.sums
         self.loss_sums += losses.detach() * y.shape[1]
         self.correct_sums += (logits.detach().argmax(dim=2) == y).sum(dim=1)
+        for name, value in extras.items():
+            self.extra_sums[name] += value.detach().float() * y.shape[1]
         for k in live:
             states[k].sums.seen += y.shape[1]
 
@@ -314,6 +350,11 @@ class Stack:
             self.weights[k] = 0.0
 
 
+def _float_sum(value: Tensor | None, like: Tensor) -> Tensor:
+    """An extra loss term's epoch sum so far (a resumed epoch's), or a zero; float32, on ``like``'s device."""
+    return torch.zeros((), device=like.device) if value is None else value.float()
+
+
 def _member_losses(logits: Tensor, y: Tensor) -> Tensor:
     """Each member's cross-entropy per example: ``logits`` (members, batch, classes), ``y`` (members, batch)."""
     n, b, c = logits.shape
@@ -337,6 +378,8 @@ def _layers_forward(model: nn.Module) -> Any:
                     params[b].unsqueeze(1), x, params[w].transpose(1, 2)
                 )
             )
+        elif type(module) is MorphoLinear and module.bias is not None:
+            steps.append(functools.partial(_morpho_linear, module, f"net.{name}"))
         elif isinstance(module, ELEMENTWISE) or (isinstance(module, nn.Dropout) and module.p == 0):
             steps.append(lambda params, x, f=module: f(x))
         else:
@@ -351,6 +394,20 @@ def _layers_forward(model: nn.Module) -> Any:
 
 
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.Identity)
+
+
+def _morpho_linear(layer: MorphoLinear, name: str, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """A stack of MorphoNet layers: (W ⊙ M) x + b with every member's mask M, as ``layer.mask()`` computes
+    it (the first member's layer holds the temperature and hard flags, the same for every member). In
+    training the stacked soft mask is left in that layer for the sparsity penalty (:meth:`Stack.extra_losses`)."""
+    logits = params[f"{name}.logits"]
+    if layer.hard or layer.hard_forward:
+        mask = (logits > 0).to(logits.dtype)
+    else:
+        mask = torch.sigmoid(logits / layer.temperature)
+        layer.last_soft_mask = mask if torch.is_grad_enabled() else None
+    weight = params[f"{name}.weight"] * mask
+    return torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), x, weight.transpose(1, 2))
 
 
 def _vmapped_forward(model: nn.Module) -> Any:

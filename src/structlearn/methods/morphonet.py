@@ -149,6 +149,11 @@ def morphize(
     return layers
 
 
+def _mean_per_member(soft: Tensor, dims: int) -> Tensor:
+    """The mean of a soft mask: a scalar, or one per member for a stack's masks (a leading member dimension)."""
+    return soft.mean() if soft.dim() == dims else soft.flatten(1).mean(1)
+
+
 class MorphoNet(Method):
     """Learned connectivity masks with dual optimisers, temperature annealing and a density schedule.
 
@@ -313,7 +318,7 @@ class MorphoNet(Method):
         for layer in self.layers.values():
             # The mask this step's forward used (computed once); a fresh one if there was none.
             soft = layer.last_soft_mask if layer.last_soft_mask is not None else layer.soft_mask()
-            mean = soft.mean()
+            mean = _mean_per_member(soft, layer.weight.dim())
             if self.penalty == "quadratic":
                 total = total + (mean - target) ** 2
             elif self.penalty == "hinge":
