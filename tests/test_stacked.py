@@ -230,11 +230,23 @@ def test_a_killed_stack_resumes_every_member_exactly(singles, tmp_path):
             assert events.count("\n") == (singles[seed] / "events.jsonl").read_text().count("\n")
 
 
-def test_a_morphonet_member_follows_its_single_run_loss_term_included(tmp_path):
-    """MorphoNet: weights drawn from the global generator (as the member's single run draws them), two
-    optimisers, a clipped global norm and the sparsity penalty per member; losses, rows and the penalty's
-    column agree within 1e-5."""
-    overrides = [*SMALL, "method=morphonet", "schedule.batch_size=16", "schedule.epochs=3", "checkpoint=none"]
+LOSS_TERMS = {
+    "morphonet": (["method=morphonet"], "loss/sparsity"),
+    "urn": (
+        ["method=urn", "dataset=spheres", "model.size=40", "model.update=residual_output", "method.c_N=2e-3"],
+        "loss/activity_l1",
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(LOSS_TERMS))
+def test_a_member_follows_its_single_run_loss_terms_included(method, tmp_path):
+    """MorphoNet (weights drawn from the global generator as the member's single run draws them, two
+    optimisers, a clipped global norm, the sparsity penalty) and the URN (its recursion, weight and activity
+    L1 and the read-out of its evaluation passes), per member: losses, rows (the loss terms' and the
+    structure's columns included) and the files agree with the single runs within 1e-5."""
+    extra, column = LOSS_TERMS[method]
+    overrides = [*SMALL, *extra, "schedule.batch_size=16", "schedule.epochs=3", "checkpoint=none"]
     singles, stacked = [], []
     step = runner.train_step
 
@@ -263,12 +275,13 @@ def test_a_morphonet_member_follows_its_single_run_loss_term_included(tmp_path):
     for seed in range(2):
         assert [row[seed] for row in stacked] == pytest.approx(singles[seed], rel=1e-5)
         rows = _rows(tmp_path / str(seed))
-        assert "loss/sparsity" in rows[0] and _close(rows, _rows(tmp_path / f"single{seed}"))
+        assert column in rows[0] and _close(rows, _rows(tmp_path / f"single{seed}"))
+        assert sorted(os.listdir(tmp_path / str(seed))) == sorted(os.listdir(tmp_path / f"single{seed}"))
 
 
 STACKABLE_YAMLS = [
     *("dense", "static", "gmp", "set", "rigl", "snfs", "snip", "grasp", "synflow"),
-    *("morphonet", "morphonet_fixed50"),
+    *("morphonet", "morphonet_fixed50", "urn"),
 ]
 
 
@@ -291,7 +304,6 @@ def _resolved(cfg):
     ("overrides", "says"),
     [
         (["method=plasticnet", "model=plastic_resnet"], "method PlasticNet does not train in a stack"),
-        (["method=urn"], "method URN does not train in a stack"),
         (["model.dropout=0.2"], "dropout draws from one global generator"),
         (["method=imp"], "method Prunable does not train in a stack"),
         (["precision=bf16"], "precision=bf16 does not train in a stack"),

@@ -25,7 +25,9 @@ rules on a 1-member stack), so nothing routes through here unless asked (``hydra
 
 What stacks (:func:`why_not`): MLPs without dropout (dropout draws from one global generator for all
 members) under dense training, the mask methods whose step is elementwise (static, GMP, SET, RigL, SNFS,
-SNIP, GraSP, SynFlow) and MorphoNet, fp32 or tf32, one phase. A method's extra loss terms (MorphoNet's
+SNIP, GraSP, SynFlow) and MorphoNet, and the URN (its recursion stacked: one ``baddbmm`` per iteration), fp32
+or tf32, one phase. A model with forward hooks (the URN's read-out) is evaluated member by member on its own
+model, so that its hooks see exactly its single run's evaluation passes. A method's extra loss terms (MorphoNet's
 sparsity penalty) are computed once for all members by the first member's method, from what the stacked
 forward leaves in its layers (the soft masks with a member dimension): one value per member. A member that diverges is recorded as diverged and leaves the
 stack, one that stops early (``early_stopping``) completes and leaves it; the others go on. Measured
@@ -37,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -46,6 +49,7 @@ from torch import Tensor, nn
 
 from structlearn.methods.base import Method, OptimizerSlot, clip_gradients
 from structlearn.methods.morphonet import MorphoLinear
+from structlearn.models.urn import URN as URNModel
 from structlearn.preemption import PreemptionGuard
 from structlearn.runner import Diverged, Run, StepResult, _set_lrs, logits_of, train_run
 
@@ -64,8 +68,9 @@ STACKABLE_METHODS = (
     "structlearn.methods.prune_init.GraSP",
     "structlearn.methods.prune_init.SynFlow",
     "structlearn.methods.morphonet.MorphoNet",
+    "structlearn.methods.urn.URN",
 )
-STACKABLE_MODELS = ("structlearn.models.mlp.MLP",)
+STACKABLE_MODELS = ("structlearn.models.mlp.MLP", "structlearn.models.urn.URN")
 STACKABLE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
@@ -78,7 +83,10 @@ def why_not(cfg: Mapping[str, Any]) -> str | None:
             f"method {method.rsplit('.', 1)[-1]} does not train in a stack (only {_short(STACKABLE_METHODS)})"
         )
     if str(model.get("_target_")) not in STACKABLE_MODELS:
-        return f"model {str(model.get('_target_')).rsplit('.', 1)[-1]} does not train in a stack (only MLP)"
+        return (
+            f"model {str(model.get('_target_')).rsplit('.', 1)[-1]} does not train in a stack "
+            f"(only {_short(STACKABLE_MODELS)})"
+        )
     if model.get("dropout"):
         return "dropout draws from one global generator, which the members of a stack would share"
     if cfg.get("phases"):
@@ -130,7 +138,9 @@ class Stack:
         # synchronise at every step); the weights of their losses, on the device
         self.live: list[int] = list(range(len(self.runs)))
         self.weights = torch.ones(len(self.runs), device=self.params[self.names[0]].device)
-        self._forward = _layers_forward(models[0]) or _vmapped_forward(models[0])
+        self._forward = _urn_forward(models[0]) or _layers_forward(models[0]) or _vmapped_forward(models[0])
+        # a model with forward hooks (the URN's read-out of its evaluation passes) is evaluated member by member
+        self._hooked_models = any(model._forward_hooks for model in models)
         self._grads: dict[str, Tensor | None] = dict.fromkeys(self.names)  # the stacked grads members view
         self._views: dict[str, list[Tensor | None]] = {name: [] for name in self.names}
         self._sums: list[Any] = [None] * len(self.runs)  # the members' epoch sums the stacked ones feed
@@ -216,9 +226,10 @@ class Stack:
         _set_lrs(self.slots, step)
         for k in live:
             _set_lrs(loops[k].slots, step)
-        logits = self._forward(self.params, x)
+        output = self._forward(self.params, x)
+        logits = logits_of(output)
         losses = _member_losses(logits, y).mean(1)
-        extras = self.extra_losses(step)
+        extras = self.extra_losses(step, output)
         for slot in self.slots:  # gradients stay allocated: each member's is a view of its slice
             slot.optimizer.zero_grad(set_to_none=False)
         total = losses + sum(extras.values()) if extras else losses
@@ -239,14 +250,16 @@ class Stack:
             for k in range(len(self.runs))
         ]
 
-    def extra_losses(self, step: int) -> dict[str, Tensor]:
+    def extra_losses(self, step: int, output: Tensor | Mapping[str, Any]) -> dict[str, Tensor]:
         """The members' extra loss terms, one value per member: the first member's method computes them
-        from what the stacked forward left in its layers (MorphoNet's soft masks, with a member dimension);
-        the members share its hyper-parameters and schedules."""
+        from the stacked output (the URN's states), the stacked parameters (the URN's weight) or what the
+        stacked forward left in its layers (MorphoNet's soft masks), each with a member dimension; the
+        members share its hyper-parameters and schedules."""
         if not self._extra:
             return {}
         first = self.loops[0]
-        extras = first.method.extra_loss(first.model, None, step)
+        stacked = types.SimpleNamespace(**{n: p for n, p in self.params.items() if "." not in n})
+        extras = first.method.extra_loss(stacked, output, step)
         for name, value in extras.items():
             if value.shape != (len(self.runs),):
                 raise ValueError(
@@ -315,6 +328,8 @@ class Stack:
     def held_out(self) -> dict[int, dict[str, float]]:
         """Every member's validation and test loss and accuracy, evaluated together (``_Loop.evaluate_held_out``'s)."""
         loops, live = self.loops, self.live
+        if self._hooked_models:
+            return {k: loops[k].evaluate_held_out("evaluation") for k in live}
         first = loops[live[0]]
         out: dict[int, dict[str, float]] = {k: {} for k in live}
         for split in ("val", "test") if first.data.has_val else ("test",):
@@ -328,7 +343,7 @@ class Stack:
             for batch in zip(*streams, strict=True):
                 drawn = self.fill(batch, order)
                 x, y = torch.stack([x for x, _ in drawn]), torch.stack([y for _, y in drawn])
-                logits = self._forward(self.params, x).float()
+                logits = logits_of(self._forward(self.params, x)).float()
                 loss += _member_losses(logits, y).sum(1)
                 correct += (logits.argmax(dim=2) == y).sum(dim=1)
                 seen += y.shape[1]
@@ -394,6 +409,30 @@ def _layers_forward(model: nn.Module) -> Any:
 
 
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.Identity)
+
+
+def _urn_forward(model: nn.Module) -> Any:
+    """A stack of URNs (:meth:`structlearn.models.urn.URN.propagate` with a member dimension): one ``baddbmm``
+    per iteration; None for any other model."""
+    if type(model) is not URNModel:
+        return None
+
+    def forward(params: Mapping[str, Tensor], x: Tensor) -> dict[str, Any]:
+        weight, bias = params["weight"].transpose(1, 2), params["bias"].unsqueeze(1)
+        n0 = F.pad(x.flatten(2), (0, model.size - model.d_in))  # (N, B, S): eq. 2
+        n, states = n0, []
+        for _ in range(model.iterations):
+            h = model._phi(torch.baddbmm(bias, n, weight))  # eq. 3
+            if model.update == "residual_output":
+                h = h + n * model.output_mask  # eq. 6
+            elif model.update == "residual_input":
+                h = h + n0  # eq. 7
+            n = h
+            states.append(n)
+        logits = n.index_select(2, model.output_index)  # eq. 4
+        return {"logits": logits, "activations": states} if model.return_activations else logits
+
+    return forward
 
 
 def _morpho_linear(layer: MorphoLinear, name: str, params: Mapping[str, Tensor], x: Tensor) -> Tensor:

@@ -53,7 +53,7 @@ from torch.autograd.function import FunctionCtx
 
 from structlearn.analysis import urn_readout as ro
 from structlearn.analysis.graph import HIDDEN, INPUT, OUTPUT, SignedGraph, recurrent_graph
-from structlearn.methods.base import Method, Plan
+from structlearn.methods.base import Method, OptimizerSlot, Plan
 from structlearn.models.urn import URN as URNModel
 from structlearn.utils import check_bool, check_choice, check_int, check_number
 
@@ -140,10 +140,17 @@ class URN(Method):
         if self._lengths is not None:
             terms["synaptic"] = self.c_syn * weighted_l1(model.weight, self._lengths)
         if self.c_N > 0:
-            states = output["activations"]  # I × (B, S)
-            total = torch.stack([s.abs().sum(dtype=torch.float32) for s in states]).sum()
-            terms["activity_l1"] = self.c_N * total / states[0].shape[0]
+            states = output["activations"]  # I × (B, S), or I × (N, B, S) for a stack's members
+            if states[0].dim() == 3:
+                total = torch.stack([s.abs().sum(dim=(1, 2), dtype=torch.float32) for s in states]).sum(0)
+            else:
+                total = torch.stack([s.abs().sum(dtype=torch.float32) for s in states]).sum()
+            terms["activity_l1"] = self.c_N * total / states[0].shape[-2]
         return terms
+
+    def after_step(self, model: nn.Module, step: int, optimizers: list[OptimizerSlot]) -> dict[str, float]:
+        self._stale = True  # the next evaluation pass reads the structure anew
+        return {}
 
     def structure_metrics(self, model: nn.Module) -> dict[str, float]:
         """The read-out of the last evaluation pass (or the frozen one after :meth:`finalize`)."""
@@ -343,12 +350,18 @@ class _WeightedL1(torch.autograd.Function):
     CPU, fresh pages to fault in). Here the forward is one reduction (with |W| as the only
     temporary when scaled) and the backward one ``sign(W) ⊙ D · g`` computed in place; the result
     is the same subgradient (0 at W_ij = 0).
+
+    A stack's weights (N, S, S) give one value per member (N,).
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, weight: Tensor, scale: Tensor | None) -> Tensor:
         ctx.save_for_backward(weight, scale)
         with torch.autocast(weight.device.type, enabled=False):
+            if weight.dim() == 3:  # a stack's members
+                if scale is None:
+                    return torch.linalg.vector_norm(weight, 1, dim=(1, 2))
+                return (weight.abs() * scale).sum(dim=(1, 2))
             if scale is None:
                 return torch.linalg.vector_norm(weight, 1)
             return torch.dot(weight.abs().flatten(), scale.flatten())
@@ -359,11 +372,12 @@ class _WeightedL1(torch.autograd.Function):
         out = torch.sign(weight)  # (S, S), the only temporary
         if scale is not None:
             out.mul_(scale)
-        return out.mul_(grad), None
+        return out.mul_(grad.view(-1, 1, 1) if weight.dim() == 3 else grad), None
 
 
 def weighted_l1(weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    """Σ_ij |W_ij|, or Σ_ij |W_ij| · scale_ij, as a differentiable scalar (see :class:`_WeightedL1`)."""
+    """Σ_ij |W_ij|, or Σ_ij |W_ij| · scale_ij, as a differentiable scalar (see :class:`_WeightedL1`);
+    one per member for a stack's (N, S, S) weights."""
     return _WeightedL1.apply(weight, scale)
 
 
