@@ -541,6 +541,7 @@ TOP_LEVEL = [
     case("tags=[a,3]", "must be a list of non-empty strings"),
     case("deterministic=sometimes", "must be true or false"),
     case("profile=1", "must be true or false"),
+    case("compile=maybe", "must be true or false"),
     case("limit.train=0", "must be an integer >= 1 or null"),
     case("limit.eval=abc", "must be an integer >= 1 or null"),
     case("precision=fp8", "must be one of ('fp32', 'tf32', 'bf16', 'fp16')"),

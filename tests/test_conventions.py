@@ -189,6 +189,32 @@ def test_deterministic_switches_torch_cudnn_and_cublas(make_cfg, tmp_path, monke
         apply_determinism(False)
 
 
+# -- compile ------------------------------------------------------------------------------------------------
+
+
+def test_compile_compiles_the_model_the_method_prepared_and_resume_may_switch_it(
+    make_cfg, tmp_path, monkeypatch
+):
+    """compile=true compiles the model once, after the method has replaced its layers (MorphoNet's); the
+    switch is not part of a run's identity (a run may resume with or without it)."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    overrides = [*SMALL, "method=morphonet", "schedule.epochs=1"]
+    assert execute(make_cfg(*overrides, "compile=true"), tmp_path / "a")["status"] == "completed"
+    assert len(compiled) == 1 and type(compiled[0].net[1]).__name__ == "MorphoLinear"
+    summary = execute(make_cfg(*overrides, "compile=false"), tmp_path / "a")  # the same run, without it
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 1 and len(compiled) == 1
+
+
+@pytest.mark.slow
+def test_a_compiled_run_computes_what_the_eager_run_does(make_cfg, tmp_path):
+    overrides = [*SMALL, "method=morphonet", "schedule.epochs=2"]
+    eager = execute(make_cfg(*overrides), tmp_path / "eager")
+    compiled = execute(make_cfg(*overrides, "compile=true"), tmp_path / "compiled")
+    for key in ("train_loss", "test_loss", "test_acc"):
+        assert compiled["final"][key] == pytest.approx(eager["final"][key], rel=1e-4, abs=1e-6)
+
+
 def _static_mlp(make_cfg) -> tuple:
     """The static method's MLP on moons, prepared, its optimisers built, and a batch."""
     objects = _build(make_cfg(*SMALL, "method=static", "density=0.5"))

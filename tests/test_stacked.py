@@ -307,6 +307,7 @@ def _resolved(cfg):
         (["model.dropout=0.2"], "dropout draws from one global generator"),
         (["method=imp"], "method Prunable does not train in a stack"),
         (["precision=bf16"], "precision=bf16 does not train in a stack"),
+        (["compile=true"], "compile=true compiles one run's model"),
         (["model=resnet", "dataset=digits"], "model ResNet does not train in a stack"),
     ],
 )

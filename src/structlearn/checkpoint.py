@@ -34,6 +34,7 @@ FORMAT_VERSION = 2  # 2: the schema of structlearn.run_state.Checkpoint
 # may land on another node; bit-identical results are only promised on the same device type).
 RESUMABLE_DIFFERENCES = (
     "resume",
+    "compile",
     "logger",
     "threads",
     "checkpoint",

@@ -107,6 +107,7 @@ TOP_LEVEL = (
     "threads",
     "limit",
     "profile",
+    "compile",
     "print_config",
     "early_stopping",
     "paths",
@@ -152,7 +153,7 @@ def _scalars(cfg: DictConfig) -> tuple[int, torch.device, str]:
         raise ConfigError(
             f"tags={shown!r} is invalid: must be a list of non-empty strings, e.g. tags=[baseline,v2]"
         )
-    for flag in ("deterministic", "profile", "print_config"):
+    for flag in ("deterministic", "profile", "compile", "print_config"):
         if not isinstance(cfg.get(flag, False), bool):
             raise ConfigError(f"{flag}={cfg.get(flag)!r} is invalid: must be true or false")
     _check_limit(cfg.get("limit"))
@@ -325,6 +326,7 @@ def prepared(
                 "versions": package_versions(),
             },
             resume=start.checkpoint,
+            compile=bool(cfg.get("compile", False)),
             **_sweep_identity(),
         )
         with profiling(run_dir, bool(cfg.get("profile", False)), device):

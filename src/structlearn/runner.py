@@ -886,6 +886,7 @@ def new_run(
     phases: Sequence[Phase] | None = None,
     fresh_model: Callable[[int], nn.Module] | None = None,
     early_stopping: EarlyStopping | None = None,
+    compile: bool = False,
 ) -> Run:
     """A run to train ``model`` with ``method`` on ``data``, recorded in ``run_dir`` (:func:`train` trains it).
 
@@ -912,6 +913,8 @@ def new_run(
             transitions; None: one phase, ``schedule``.
         fresh_model: ``fresh_model(seed)`` builds the model anew (for :class:`~structlearn.phases.Reinit`).
         early_stopping: stop when a validation metric stops improving (in the last phase), or None.
+        compile: ``torch.compile`` the model once the method has prepared it (its structure restored on
+            resume); the same arithmetic in fused kernels, so numbers agree to float tolerance, not bitwise.
     """
     return Run(
         data,
@@ -935,6 +938,7 @@ def new_run(
         list(phases) if phases else [Phase("train", schedule)],
         fresh_model,
         early_stopping,
+        compile=compile,
     )
 
 
@@ -1003,6 +1007,7 @@ class Run:
     # the global generator as the run was made: its start draws from it as a run started at once would
     # (MorphoNet's weight initialisation), even when other runs were made in between (a stack's members)
     rng_state: Tensor = field(default_factory=torch.random.get_rng_state)
+    compile: bool = False  # torch.compile the model the run starts with (after the method prepared it)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -1061,6 +1066,8 @@ class Run:
             self.early_stopping,
         )
         self.state = self.loop.restore(self.resume)
+        if self.compile:
+            self.loop.model.compile()
         info = RunInfo(
             self.run_dir.path,
             self.names,

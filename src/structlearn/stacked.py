@@ -95,6 +95,8 @@ def why_not(cfg: Mapping[str, Any]) -> str | None:
         return f"precision={cfg.get('precision')} does not train in a stack (fp32 or tf32)"
     if cfg.get("profile"):
         return "profile=true profiles one run"
+    if cfg.get("compile"):
+        return "compile=true compiles one run's model (a stack has a forward of its own)"
     return None
 
 
