@@ -92,6 +92,28 @@ def test_a_vit_never_trains_in_a_stack():
     assert why_not(cfg) == "model ViT does not train in a stack (only MLP)"
 
 
+def test_a_vit_trains_on_a_tiny_cifar_folder(make_cfg, tmp_path, cifar_root):
+    cfg = make_cfg(
+        "dataset=cifar10",
+        f"dataset.root={cifar_root}",
+        "dataset.verify=false",
+        "dataset.val_size=10",
+        "model=vit",
+        "model.patch=4",
+        "model.dim=16",
+        "model.depth=1",
+        "method=static",
+        "schedule.epochs=1",
+        "schedule.batch_size=16",
+        "analysis=none",
+        "logger=none",
+        "device=cpu",
+    )
+    summary = execute(cfg, tmp_path)
+    assert summary["status"] == "completed" and summary["model"] == "ViT"
+    assert summary["structure"]["density/sparse_layers"] == pytest.approx(0.1, abs=0.01)
+
+
 # -- every mask method on it ------------------------------------------------------------------------
 
 METHOD_RUNS = {
