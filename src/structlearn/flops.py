@@ -24,6 +24,13 @@
   is a dense multiply, so it trains dense; its network at inference is the hard mask L > 0. Costs
   paid once per step rather than per example (mask updates, σ(L/T), W ⊙ M) are not counted, as in
   RigL.
+* **Attention** (the ViT, :mod:`structlearn.models.vit`): its projections are Linear layers applied
+  to every token (``uses`` = tokens); the two weight-free products of each attention module, QKᵀ and
+  A·V, are counted too, as one dense layer named ``<attention module>.matmul`` whose ``2·T·dim``
+  "weight entries" (the keys and values of one example's T tokens) are each used T times (once per
+  query): ``2·T²·dim`` multiply-adds per example, dense under every method, 3 x in training like any
+  layer. A run with attention says so in its rule (:data:`ATTENTION_RULE`). The class token and the
+  position embedding are additions, not counted (like biases).
 * **A whole run** (:class:`FlopMeter`): the structure is observed at evaluation points (one
   forward pass of one example with hooks), and between two observations the per-example cost is
   the mean of the two (the trapezoid rule: exact for a fixed structure, SET/RigL/static, and a
@@ -48,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from structlearn.models.urn import URN as URNModel
+from structlearn.models.vit import Attention, Tokens
 
 if TYPE_CHECKING:
     from structlearn.methods.base import Method
@@ -64,6 +72,13 @@ FLOP_RULE = (
     "training examples seen; dense = the same network with every weight active; biases, norms, "
     "activations, pooling, the loss, mask updates and evaluation passes are not counted"
 )
+# appended to the rule of a network with attention (a ViT); FLOP_RULE itself is unchanged for the others
+ATTENTION_RULE = (
+    "; attention: Linear projections once per token, and each attention's weight-free products QK^T and "
+    "A*V (2 * T^2 * dim multiply-adds per example for T tokens) as a dense layer '<attention>.matmul'; the "
+    "class token and position embedding are additions, not counted"
+)
+MATMUL = ".matmul"  # suffix of the name of an attention's weight-free products in a count
 
 
 @dataclass(frozen=True)
@@ -204,7 +219,8 @@ def count_layers(
     Forward hooks on every Linear and Conv module record how often each weight entry is used
     (from the output's size), on a zero input of shape ``(1, *input_shape)`` (2 examples where a
     BatchNorm stays in training mode under ``eval()``; counts are per example) on the model's
-    device. The model is left exactly as it was: eval mode and ``no_grad`` for the pass, the
+    device; hooks on attention modules count their products QKᵀ and A·V as a dense layer
+    ``<name>.matmul`` (see the module docstring). The model is left exactly as it was: eval mode and ``no_grad`` for the pass, the
     training flag and every buffer restored afterwards. A :class:`~structlearn.models.urn.URN` is
     counted without a forward pass: its S x S matrix, applied I times.
 
@@ -231,30 +247,41 @@ def count_layers(
     key = (tuple(input_shape), tuple((n, id(m)) for n, m in modules.items() if _counted(m)))
     cached = _USES.get(model)
     if cached is not None and cached[0] == key:  # the same layers: how often each is used is known
-        uses = cached[1]
+        uses, matmuls = cached[1]
     else:
-        uses = _uses(model, modules, input_shape)
-        _USES[model] = (key, uses)
+        uses, matmuls = _uses(model, modules, input_shape)
+        _USES[model] = (key, (uses, matmuls))
     layers = {
         name: LayerFlops(n, modules[name].weight.numel(), active_count(name, modules[name].weight))
         for name, n in uses.items()
     }
+    for name, (n, entries) in matmuls.items():  # weight-free products: dense under every method
+        layers[name + MATMUL] = LayerFlops(n, entries, entries)
     unseen = tuple(
         name
         for name, m in modules.items()
-        if name not in layers and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+        if name not in layers
+        and not isinstance(m, Tokens)
+        and any(p.dim() >= 2 for p in m.parameters(recurse=False))
     )
     return FlopCount(layers, unseen)
 
 
-# model -> (its counted layers and the input shape, how often one example uses each layer's weights):
-# shapes do not change while a run trains, so the forward pass with hooks runs once per set of layers
-_USES: weakref.WeakKeyDictionary[nn.Module, tuple[Any, dict[str, float]]] = weakref.WeakKeyDictionary()
+# model -> (its counted layers and the input shape, (how often one example uses each layer's weights,
+# each attention's products)): shapes do not change while a run trains, so the forward pass with hooks
+# runs once per set of layers
+_USES: weakref.WeakKeyDictionary[
+    nn.Module, tuple[Any, tuple[dict[str, float], dict[str, tuple[float, int]]]]
+] = weakref.WeakKeyDictionary()
 
 
-def _uses(model: nn.Module, modules: Mapping[str, nn.Module], input_shape: Sequence[int]) -> dict[str, float]:
-    """One forward pass of zeros with hooks: how many times one example uses each layer's weights."""
+def _uses(
+    model: nn.Module, modules: Mapping[str, nn.Module], input_shape: Sequence[int]
+) -> tuple[dict[str, float], dict[str, tuple[float, int]]]:
+    """One forward pass of zeros with hooks: how many times one example uses each layer's weights, and
+    each attention module's products as (uses, entries): its 2·T·dim keys and values, each used T times."""
     uses: dict[str, float] = {}
+    matmuls: dict[str, tuple[float, int]] = {}
     names = {id(m): n for n, m in modules.items()}
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -265,7 +292,14 @@ def _uses(model: nn.Module, modules: Mapping[str, nn.Module], input_shape: Seque
         name = names[id(module)]
         uses[name] = uses.get(name, 0.0) + per_example
 
+    def attention_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        _, tokens, dim = args[0].shape  # (B, T, dim)
+        name = names[id(module)]
+        n, entries = matmuls.get(name, (float(tokens), 0))  # a module called twice adds up (at its first T)
+        matmuls[name] = (n, entries + round(2 * tokens * tokens * dim / n))
+
     handles = [m.register_forward_hook(hook) for m in modules.values() if _counted(m)]
+    handles += [m.register_forward_hook(attention_hook) for m in modules.values() if isinstance(m, Attention)]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in modules.values()]
     try:
@@ -283,7 +317,7 @@ def _uses(model: nn.Module, modules: Mapping[str, nn.Module], input_shape: Seque
             b.copy_(saved)
         for m, mode in modes:
             m.training = mode
-    return uses
+    return uses, matmuls
 
 
 def _count(model: nn.Module, input_shape: Sequence[int], method: Method | None, training: bool) -> FlopCount:
@@ -400,7 +434,7 @@ class FlopMeter:
             "steps": self.step,
             "examples": self.examples,
             "unseen": unseen,
-            "rule": FLOP_RULE,
+            "rule": FLOP_RULE + (ATTENTION_RULE if any(n.endswith(MATMUL) for n in inference.layers) else ""),
         }
 
     def state_dict(self) -> dict[str, Any]:

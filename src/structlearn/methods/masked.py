@@ -47,7 +47,8 @@ class MaskedMethod(Method):
     Args:
         density: target fraction of active weights over all sparse layers, in (0, 1].
         distribution: how the density is spread over layers: ``uniform``, ``erdos_renyi`` or ``erk``.
-        dense_layers: ``fnmatch`` patterns of module names that stay dense.
+        dense_layers: ``fnmatch`` patterns of module names that stay dense, besides the model's own
+            (:func:`~structlearn.sparse.masks.prunable_weights`).
         first_layer_dense: keep the first Linear/Conv2d layer dense.
         last_layer_dense: keep the last Linear/Conv2d layer (the output head) dense.
         erk_power_scale: exponent of ERK's per-layer ratio (rigl's ``erk_power_scale``), >= 0;

@@ -106,7 +106,8 @@ def morphize(
 ) -> dict[str, _Morpho]:
     """Replace the model's Linear (and Conv2d) layers, except the last one, by morpho layers in place.
 
-    The last Linear/Conv2d layer (the output head) stays dense, as in the seed.
+    The last Linear/Conv2d layer (the output head) stays dense, as in the seed, and so do the layers
+    that match ``dense_layers`` or the model's own ``dense_layers``.
 
     Returns:
         The morpho layers by module name.
@@ -177,7 +178,8 @@ class MorphoNet(Method):
         grad_clip: max global gradient norm over all parameters (weights and logits), or None.
         include_conv: also mask Conv2d layers.
         weight_init: ``he_normal`` (the seed) or ``keep`` (the model's own initialisation).
-        dense_layers: fnmatch patterns of module names kept dense (the output head always is).
+        dense_layers: fnmatch patterns of module names kept dense (the output head and the layers the
+            model names in its ``dense_layers`` always are).
     """
 
     def __init__(

@@ -2,6 +2,7 @@
 
 from structlearn.models.mlp import MLP
 from structlearn.models.resnet import ResNet
+from structlearn.models.vit import ViT
 from structlearn.models.wideresnet import WideResNet
 
-__all__ = ["MLP", "ResNet", "WideResNet"]
+__all__ = ["MLP", "ResNet", "ViT", "WideResNet"]

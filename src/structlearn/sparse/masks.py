@@ -26,14 +26,19 @@ def prunable_weights(
 ) -> dict[str, nn.Parameter]:
     """The weights of Linear and Conv2d layers that a masked method makes sparse, by parameter name.
 
+    A model may name layers that every method keeps dense in a ``dense_layers`` attribute (patterns
+    like the argument's, e.g. the ViT's patch embedding and head, its ``model.dense_layers`` config
+    key); they are kept dense besides the method's own ``dense_layers``.
+
     Args:
         model: the network.
         dense_layers: ``fnmatch`` patterns of module names to keep dense (``["net.0", "head*"]``).
         first_layer_dense: keep the first Linear/Conv2d layer (in registration order) dense.
         last_layer_dense: keep the last one (usually the output head) dense.
     """
+    patterns = [*dense_layers, *getattr(model, "dense_layers", ())]
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    keep = {name for name, _ in layers if any(fnmatch(name, pattern) for pattern in dense_layers)}
+    keep = {name for name, _ in layers if any(fnmatch(name, pattern) for pattern in patterns)}
     if layers and first_layer_dense:
         keep.add(layers[0][0])
     if layers and last_layer_dense:
