@@ -230,7 +230,19 @@ def test_a_killed_stack_resumes_every_member_exactly(singles, tmp_path):
             assert events.count("\n") == (singles[seed] / "events.jsonl").read_text().count("\n")
 
 
-STACKABLE_YAMLS = ["dense", "static", "gmp", "set", "rigl", "snfs", "snip", "grasp", "synflow"]
+STACKABLE_YAMLS = [
+    "dense",
+    "static",
+    "gmp",
+    "set",
+    "rigl",
+    "snfs",
+    "snip",
+    "grasp",
+    "synflow",
+    "srigl",
+    "rigl_nm",
+]
 
 
 @pytest.mark.parametrize("method", STACKABLE_YAMLS)

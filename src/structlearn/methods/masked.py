@@ -288,7 +288,8 @@ class MaskedMethod(Method):
 
 
 class Static(MaskedMethod):
-    """A fixed random mask (``uniform`` or ``erk`` layer densities); masked weights stay exactly zero."""
+    """A fixed random mask (``uniform`` or ``erk`` layer densities, or a structured ``pattern`` drawn per group,
+    seeded); masked weights stay exactly zero."""
 
 
 class GMP(MaskedMethod):
