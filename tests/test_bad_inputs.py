@@ -284,6 +284,23 @@ METHOD = [
         prefix="schedule.optimizer='AdamW' is invalid: SNFS grows by momentum",
         anywhere=True,
     ),
+    # structured patterns: rigl_nm (2:4), srigl (constant fan-in with neuron ablation)
+    case("method=rigl_nm method.n=5", "must be an integer in [1, m=4]"),
+    case("method=rigl_nm method.n=0", "must be an integer in [1, m=4]"),
+    case("method=rigl_nm method.m=0", "must be an integer >= 1"),
+    case("method=rigl_nm method.density=0.3", "must equal n/m = 2/4 = 0.5"),
+    case("method=rigl_nm method.distribution=erk", "must be 'uniform' with pattern n_m"),
+    case(
+        "method=rigl_nm method.first_layer_dense=false",
+        prefix="m=4 is invalid: must divide the 2 inputs per output of layer net.1.weight (pattern n_m)",
+        anywhere=True,
+    ),
+    case("method=srigl method.pattern=blocks", "must be one of ('unstructured', 'n_m', 'fan_in')"),
+    case("method=rigl method.n=2", "is read by pattern n_m only"),
+    case("method=srigl method.ablation_threshold=1.5", "must be in [0, 1]"),
+    case("method=srigl method.ablation_reference=k", "must be one of ('fan_in', 'dense')"),
+    case("method=rigl method.ablation_threshold=0.3", "must be 0 unless pattern is 'fan_in'"),
+    case("method=snfs +method.pattern=fan_in", "must be 'unstructured' for SNFS"),
     # set
     case("method=set method.update_every=-1", "must be an integer >= 1 (steps) or 'epoch'"),
     case("method=set method.drop_fraction=-0.5", "must be in [0, 1]"),

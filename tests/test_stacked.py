@@ -281,7 +281,7 @@ def test_a_member_follows_its_single_run_loss_terms_included(method, tmp_path):
 
 STACKABLE_YAMLS = [
     *("dense", "static", "gmp", "set", "rigl", "snfs", "snip", "grasp", "synflow"),
-    *("morphonet", "morphonet_fixed50", "urn"),
+    *("morphonet", "morphonet_fixed50", "urn", "srigl", "rigl_nm"),
 ]
 
 

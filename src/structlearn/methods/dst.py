@@ -28,6 +28,35 @@ an explicit constructor argument with the paper's intent as its default:
 * ``regrow_dropped``: whether a connection dropped in an update may be grown back in the same one
   (the official RigL code allows it; excluded by default so that every update really replaces
   ``k`` connections and the dropped and grown sets are disjoint).
+
+Structured patterns (``pattern``: ``n_m``, ``fan_in``; :mod:`structlearn.methods.masked`). An update
+drops the ``k`` smallest |w| of the layer, at most as many from one group as it can regrow, and then
+grows in every group exactly what it lost, by the growth score
+(:func:`~structlearn.sparse.masks.group_drop_and_grow`): every group keeps its count (``n`` of every
+``m``; the constant fan-in ``k``). This is SRigL's update (Lasby et al. 2023, "Dynamic Sparse Training
+with Structured Sparsity"): a layer-wide drop and a per-neuron regrowth. With ``pattern="fan_in"``,
+SRigL's **neuron ablation** (``ablation_threshold`` = gamma_sal, 0 disables; SRigL uses 0.3), as we
+read it:
+
+* at each update, a neuron's *salient* weights are those unstructured RigL would keep (all active but
+  the layer's ``k`` smallest |w|) plus those it would grow (the ``k`` best growth scores of the layer
+  among the rest) (:func:`~structlearn.sparse.masks.salient_counts`);
+* a live neuron with fewer than ``max(1, floor(gamma_sal * f))`` salient weights is ablated: all its
+  weights are masked (counted as dropped) and it stays off for the rest of the run. ``f`` is
+  ``ablation_reference``: ``fan_in``, the layer's current constant fan-in (the paper's gamma_sal * k,
+  the default), or ``dense``, the row length (the reference code's default,
+  ``use_sparse_const_fan_in_for_ablation=False``);
+* the layer's budget ``B`` (its initial count) is shared by the live neurons: the fan-in becomes
+  ``floor(B / live)``, so the active neurons keep a constant fan-in that grows as neurons are
+  ablated. The layer's count is ``live * floor(B / live)``: exactly ``B`` while ``live`` divides it,
+  otherwise fewer than ``live`` weights below it (the reference code's rounding; the budget itself never
+  drifts). At least ``ceil(B / row length)`` neurons stay live (the fewest first ablated), so the
+  fan-in never exceeds the row length, and the model's output layer is never ablated (nor is it in
+  the reference code: its neurons are the classes).
+
+Departure from the reference code: it re-decides the ablated set at every update (a neuron can come
+back); here an ablated neuron stays off, so an ablated neuron is exactly a row without active weights
+and the masks alone carry the state (a checkpoint needs nothing more).
 """
 
 from __future__ import annotations
@@ -45,11 +74,19 @@ from structlearn import schedules
 from structlearn.flops import FlopCount
 from structlearn.methods.base import OptimizerSlot, Plan
 from structlearn.methods.masked import MaskedMethod
-from structlearn.sparse.masks import drop_and_grow, topk_mask
+from structlearn.sparse.masks import (
+    drop_and_grow,
+    group_drop_and_grow,
+    group_drop_cap,
+    neurons_to_ablate,
+    salient_counts,
+    topk_mask,
+)
 from structlearn.utils import check, check_choice, check_number
 
 UPDATE_ORDERS = ("instead_of_step", "after_step")
 GROW_INITS = ("zero", "random")
+ABLATION_REFERENCES = ("fan_in", "dense")
 
 
 class DynamicSparse(MaskedMethod):
@@ -98,8 +135,16 @@ class DynamicSparse(MaskedMethod):
         regrow_dropped: let connections dropped in an update compete for regrowth in the same
             update; one that is regrown keeps its value and optimiser state (the official RigL
             code's default), so fewer than ``k`` connections may really change.
-        dense_layers, first_layer_dense, last_layer_dense, erk_power_scale: see :class:`MaskedMethod`.
+        dense_layers, first_layer_dense, last_layer_dense, erk_power_scale, pattern, n, m: see
+            :class:`MaskedMethod`; a structured pattern rewires within groups (the module's docstring).
+        ablation_threshold: SRigL's gamma_sal, in [0, 1]; 0 disables neuron ablation; above 0 needs
+            ``pattern="fan_in"``.
+        ablation_reference: what gamma_sal multiplies: ``fan_in`` (the current constant fan-in) or
+            ``dense`` (the row length).
     """
+
+    STRUCTURED: ClassVar[bool] = True
+    """Whether the method keeps per-layer counts, so that a structured ``pattern`` can hold."""
 
     DEFAULTS: ClassVar[Mapping[str, Any]] = MappingProxyType(
         {
@@ -132,6 +177,11 @@ class DynamicSparse(MaskedMethod):
         first_layer_dense: bool = False,
         last_layer_dense: bool = False,
         erk_power_scale: float = 1.0,
+        pattern: str = "unstructured",
+        n: int | None = None,
+        m: int | None = None,
+        ablation_threshold: float = 0.0,
+        ablation_reference: str = "fan_in",
     ) -> None:
         def chosen(name: str, value: Any) -> Any:
             return self.DEFAULTS[name] if value is None else value
@@ -146,8 +196,30 @@ class DynamicSparse(MaskedMethod):
         reset_optimizer_state = chosen("reset_optimizer_state", reset_optimizer_state)
         regrow_dropped = chosen("regrow_dropped", regrow_dropped)
         super().__init__(
-            density, distribution, dense_layers, first_layer_dense, last_layer_dense, erk_power_scale
+            density,
+            distribution,
+            dense_layers,
+            first_layer_dense,
+            last_layer_dense,
+            erk_power_scale,
+            pattern,
+            n,
+            m,
         )
+        check(
+            self.STRUCTURED or pattern == "unstructured",
+            "pattern",
+            pattern,
+            f"must be 'unstructured' for {type(self).__name__} (it moves weights between layers)",
+        )
+        check_number(ablation_threshold, "ablation_threshold", 0.0, 1.0)
+        check(
+            ablation_threshold == 0 or pattern == "fan_in",
+            "ablation_threshold",
+            ablation_threshold,
+            f"must be 0 unless pattern is 'fan_in' (pattern={pattern!r}): neuron ablation keeps a constant fan-in",
+        )
+        check_choice(ablation_reference, "ablation_reference", ABLATION_REFERENCES)
         check(
             update_every == "epoch"
             or (isinstance(update_every, int) and not isinstance(update_every, bool) and update_every >= 1),
@@ -175,10 +247,19 @@ class DynamicSparse(MaskedMethod):
         self.grow_init = grow_init
         self.reset_optimizer_state = reset_optimizer_state
         self.regrow_dropped = regrow_dropped
+        self.ablation_threshold = float(ablation_threshold)
+        self.ablation_reference = ablation_reference
         self.ever_active: dict[str, Tensor] = {}  # name -> bool, every connection active at some point
         self._every = 1  # update interval in steps (resolved from "epoch" in prepare)
         self._end_step = 0  # T_end in steps: no update at or after it
         self._counts: dict[str, int] = {}  # name -> active weights, fixed for the whole run
+        # structured patterns: per layer, every live group's count, the live groups (bool, on the device)
+        # and how many; the budget and the output layer (never ablated) for neuron ablation
+        self._per_group: dict[str, int] = {}
+        self._live: dict[str, Tensor] = {}
+        self._n_live: dict[str, int] = {}
+        self._budget: dict[str, int] = {}
+        self._output_layer = ""
 
     # -- the rule: what subclasses define ---------------------------------------------------------
 
@@ -211,7 +292,12 @@ class DynamicSparse(MaskedMethod):
     def prepare(self, model: nn.Module, plan: Plan) -> nn.Module:
         self._every = plan.steps(self.update_every)
         self._end_step = round(self.end * plan.total_steps)
+        layers = [name for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+        self._output_layer = f"{layers[-1]}.weight" if layers and layers[-1] else "weight"
         model = super().prepare(model, plan)
+        if self.pattern != "unstructured":
+            per_group = self.group_counts(self.density)
+            self._budget = {n: per_group[n] * self.groups(w).shape[0] for n, w in self._weights.items()}
         self._sync_from_masks()
         return model
 
@@ -230,16 +316,28 @@ class DynamicSparse(MaskedMethod):
         fraction = self.drop_fraction_at(step)
         old = dict(self.masks)  # rewire_layer replaces masks, never mutates them
         drops: dict[str, int] = {}
+        grows: dict[str, int] = {}
         for name, w in self._weights.items():
             n_active = self._counts[name]
             k = math.floor(fraction * n_active)
+            if self.pattern != "unstructured":
+                drops[name], grows[name] = self.rewire_groups(name, k, optimizers)
+                continue
             if not self.regrow_dropped:
                 k = min(k, w.numel() - n_active)
             drops[name] = k
             if k > 0:
                 self.rewire_layer(name, k, optimizers)
         self.apply_masks()
-        return self._update_metrics(old, drops, fraction)
+        if self.pattern == "unstructured":
+            return self._update_metrics(old, drops, fraction)
+        metrics = self._update_metrics(old, drops, fraction)
+        metrics["dst/grown"] = float(sum(grows.values()))
+        if self.pattern == "fan_in":
+            for name in self._weights:
+                metrics[f"dst/fan_in/{name}"] = float(self._per_group[name])
+                metrics[f"dst/live_neurons/{name}"] = float(self._n_live[name])
+        return metrics
 
     def structure_metrics(self, model: nn.Module) -> dict[str, float]:
         metrics = super().structure_metrics(model)
@@ -276,6 +374,53 @@ class DynamicSparse(MaskedMethod):
         dropped, grown = drop_and_grow(w, mask, self._counts[name], k, scores, self.regrow_dropped)
         self._commit_rewire(name, dropped, grown, self._counts[name] - k, optimizers)
         return dropped, grown
+
+    @torch.no_grad()
+    def rewire_groups(self, name: str, k: int, optimizers: Sequence[OptimizerSlot]) -> tuple[int, int]:
+        """A structured update of layer ``name``: ablate neurons (``fan_in`` with ``ablation_threshold``),
+        then drop up to ``k`` weights by smallest |w| and regrow every live group to its count.
+
+        ``k`` is capped by what the groups can regrow (:func:`~structlearn.sparse.masks.group_drop_cap`).
+        Updates ``masks``, ``ever_active`` and the per-group state; the caller re-applies the masks.
+
+        Returns:
+            ``(dropped, grown)``: how many weights were dropped (ablated ones included) and grown.
+        """
+        if k == 0:
+            return 0, 0
+        w, mask = self._weights[name], self.masks[name]
+        w2, m2 = self.groups(w), self.groups(mask)  # (G, S)
+        size, count, live = w2.shape[1], self._per_group[name], self._live[name]
+        scores = self.groups(self.grow_scores(name, w, mask))
+        ablated: list[int] = []
+        if self.ablation_threshold > 0 and name != self._output_layer:
+            salient = salient_counts(
+                w2, m2, self._counts[name], k, scores.masked_fill(~live[:, None], -math.inf)
+            )
+            reference = count if self.ablation_reference == "fan_in" else size
+            threshold = max(1, math.floor(self.ablation_threshold * reference))
+            keep = math.ceil(self._budget[name] / size)
+            ablated = neurons_to_ablate(salient.tolist(), live.tolist(), threshold, keep)
+        n_live = self._n_live[name] - len(ablated)
+        target = min(size, self._budget[name] // n_live) if ablated else count
+        k = min(k, n_live * group_drop_cap(count, target, size, self.regrow_dropped))
+        if k == 0 and not ablated:
+            return 0, 0
+        if ablated:
+            live = live.clone()
+            live[ablated] = False
+        rows = live.nonzero().squeeze(1) if n_live < w2.shape[0] else slice(None)
+        d_rows, g_rows = group_drop_and_grow(
+            w2[rows], m2[rows], count, target, k, scores[rows], self.regrow_dropped
+        )
+        dropped, grown = torch.zeros_like(m2), torch.zeros_like(m2)
+        dropped[rows], grown[rows] = d_rows, g_rows
+        dropped[ablated] = m2[ablated]  # an ablated neuron loses all its weights
+        n_kept = self._counts[name] - k - len(ablated) * count
+        self._commit_rewire(name, dropped.view(w.shape), grown.view(w.shape), n_kept, optimizers)
+        self._live[name], self._n_live[name], self._per_group[name] = live, n_live, target
+        self._counts[name] = n_live * target
+        return k + len(ablated) * count, n_live * target - n_kept
 
     @torch.no_grad()
     def _commit_rewire(
@@ -333,6 +478,10 @@ class DynamicSparse(MaskedMethod):
     def _sync_from_masks(self, ever_active: Mapping[str, Tensor] | None = None) -> None:
         """Per-layer counts from the masks (one sync, at start or resume), and the ever-active masks."""
         self._counts = {n: int(m.sum()) for n, m in self.masks.items()}
+        if self.pattern != "unstructured":  # an ablated neuron is a row without active weights
+            self._live = {n: self.groups(m).any(dim=1) for n, m in self.masks.items()}
+            self._n_live = {n: int(live.sum()) for n, live in self._live.items()}
+            self._per_group = {n: self._counts[n] // self._n_live[n] for n in self.masks}
         source = ever_active if ever_active is not None else self.masks
         self.ever_active = {n: source[n].to(self.masks[n].device, torch.bool).clone() for n in self.masks}
 
@@ -568,6 +717,8 @@ class SNFS(DynamicSparse):
         update at the end of every epoch, ``drop_fraction`` 0.5 with cosine decay, the optimiser
         steps before the topology changes).
     """
+
+    STRUCTURED: ClassVar[bool] = False
 
     DEFAULTS: ClassVar[Mapping[str, Any]] = MappingProxyType(
         {

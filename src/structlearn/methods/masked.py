@@ -3,10 +3,32 @@
 A masked method keeps a bool mask per sparse weight. The weights stay dense in memory; masked
 entries are set to exactly zero at the start and after every optimiser step, so the forward pass
 is an ordinary dense one and ``.grad`` after backward is the dense gradient (what RigL grows by).
+
+Structured patterns (``pattern``, read by static, GMP, SET and RigL). A row is one output neuron's
+inputs, flattened (``in_channels * kh * kw`` for a Conv2d):
+
+* ``unstructured`` (the default): exact per-layer counts anywhere in the layer, as before.
+* ``n_m``: exactly ``n`` of every ``m`` consecutive inputs of a row are active, so every sparse layer has
+  density ``n / m``. ``density`` must equal ``n / m`` and ``distribution`` be ``uniform`` (both refused
+  otherwise, with a message naming the values: an N:M run cannot silently train at another density).
+  A layer whose row length is not a multiple of ``m`` is refused when the method is prepared, naming
+  the layer (no ragged last group: it would not be N:M); keep it dense (``first_layer_dense``,
+  ``dense_layers``), as N:M work does with the first layer.
+* ``fan_in``: every row has the same number ``k`` of active inputs (constant fan-in, SRigL). ``k`` is
+  the layer's density from ``distribution`` times the row length, rounded to the nearest integer in
+  [1, row length]; the layer's count is then exactly ``rows * k`` (the global density moves from
+  ``density`` by at most half a row per layer).
+
+Static draws every group's active inputs at random from the method's generator. GMP prunes every group
+to the same count at each pruning step, by magnitude within the group: ``round(d(t) * m)`` of every
+``m`` for ``n_m`` (so exactly ``n`` at ``end``, ``d(t)`` being the cubic schedule from 1 to ``n / m``),
+and ``round(d_l(t) * row length)`` per row for ``fan_in``; between ``begin`` and ``end`` the pattern is
+a coarser ``c:m`` (every group with the same count ``c``), and from ``end`` it is the target.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +42,10 @@ from structlearn.methods.base import Method, OptimizerSlot, ParamCount, Plan, co
 from structlearn.schedules import cubic_density
 from structlearn.sparse.masks import (
     DISTRIBUTIONS,
+    PATTERNS,
     allocate_counts,
+    group_topk_mask,
+    group_view,
     layer_densities,
     magnitude_mask,
     prunable_weights,
@@ -33,6 +58,7 @@ from structlearn.utils import (
     check_int,
     check_number,
     check_patterns,
+    is_int,
     is_number,
 )
 
@@ -53,6 +79,8 @@ class MaskedMethod(Method):
         last_layer_dense: keep the last Linear/Conv2d layer (the output head) dense.
         erk_power_scale: exponent of ERK's per-layer ratio (rigl's ``erk_power_scale``), >= 0;
             1.0 is ERK, 0.0 uniform; read by ``distribution="erk"`` only.
+        pattern: ``unstructured``, ``n_m`` or ``fan_in`` (see the module's docstring).
+        n, m: ``n`` of every ``m`` consecutive inputs active (``pattern="n_m"`` only), 1 <= n <= m.
     """
 
     def __init__(
@@ -63,6 +91,9 @@ class MaskedMethod(Method):
         first_layer_dense: bool = False,
         last_layer_dense: bool = False,
         erk_power_scale: float = 1.0,
+        pattern: str = "unstructured",
+        n: int | None = None,
+        m: int | None = None,
     ) -> None:
         check_number(density, "density", 0.0, 1.0, low_open=True)
         check_choice(distribution, "distribution", DISTRIBUTIONS)
@@ -70,12 +101,35 @@ class MaskedMethod(Method):
         check_bool(first_layer_dense, "first_layer_dense")
         check_bool(last_layer_dense, "last_layer_dense")
         check_number(erk_power_scale, "erk_power_scale", 0.0)
+        check_choice(pattern, "pattern", PATTERNS)
+        if pattern == "n_m":
+            check_int(m, "m", 1)
+            check(is_int(n) and 1 <= n <= m, "n", n, f"must be an integer in [1, m={m}]")
+            check(
+                abs(density - n / m) < 1e-9,
+                "density",
+                density,
+                f"must equal n/m = {n}/{m} = {n / m:g}: pattern n_m keeps n of every m inputs in every sparse layer",
+            )
+            check(
+                distribution == "uniform", "distribution", distribution, "must be 'uniform' with pattern n_m"
+            )
+        else:
+            for key, value in (("n", n), ("m", m)):
+                check(
+                    value is None,
+                    key,
+                    value,
+                    f"is read by pattern n_m only (pattern={pattern!r}): leave it null",
+                )
         self.density = float(density)
         self.distribution = distribution
         self.dense_layers = list(dense_layers)
         self.first_layer_dense = first_layer_dense
         self.last_layer_dense = last_layer_dense
         self.erk_power_scale = float(erk_power_scale)
+        self.pattern = pattern
+        self.n, self.m = n, m
         self.masks: dict[str, Tensor] = {}
         self._factors: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (mask, the mask in its weight's dtype)
         self._weights: dict[str, nn.Parameter] = {}
@@ -90,6 +144,15 @@ class MaskedMethod(Method):
         )
         if not self._weights:
             raise ValueError(f"{type(self).__name__}: the model has no Linear or Conv2d weight left to mask")
+        for name, w in self._weights.items():
+            row = w[0].numel()
+            check(
+                self.pattern != "n_m" or row % self.m == 0,
+                "m",
+                self.m,
+                f"must divide the {row} inputs per output of layer {name} (pattern n_m); "
+                "keep that layer dense (dense_layers, first_layer_dense) or choose another m",
+            )
         self.masks = self.initial_masks(self._weights)
         self.apply_masks()
         return model
@@ -163,12 +226,42 @@ class MaskedMethod(Method):
         self.apply_masks()
 
     def initial_masks(self, weights: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
-        """Random masks with exactly the allocated number of active weights per layer."""
+        """Random masks with exactly the allocated number of active weights per layer (per group with a
+        structured pattern: every group's active inputs drawn uniformly from the method's generator)."""
+        if self.pattern != "unstructured":
+            per_group = self.group_counts(self.density)
+            return {
+                name: self.group_mask(torch.rand(w.shape, generator=self._generator), per_group[name]).to(
+                    w.device
+                )
+                for name, w in weights.items()
+            }
         counts = self.target_counts(self.density)
         return {
             name: random_mask(w.shape, counts[name], self._generator, device=w.device)
             for name, w in weights.items()
         }
+
+    def groups(self, t: Tensor) -> Tensor:
+        """``t`` (shaped like a sparse weight) as ``(groups, group size)`` of the pattern (a view)."""
+        return group_view(t, self.pattern, self.m)
+
+    def group_mask(self, scores: Tensor, count: int) -> Tensor:
+        """A mask shaped like ``scores`` with the ``count`` best of every group of the pattern."""
+        return group_topk_mask(self.groups(scores), count).view(scores.shape)
+
+    def group_counts(self, density: float) -> dict[str, int]:
+        """Active weights per group of every sparse layer at a global ``density`` (structured patterns).
+
+        ``n_m``: ``round(density * m)`` of every ``m`` (``n`` at ``density = n / m``); ``fan_in``: the
+        layer's density (by ``distribution``) times its row length, rounded; both at least 1.
+        """
+        shapes = {name: tuple(w.shape) for name, w in self._weights.items()}
+        if self.pattern == "n_m":
+            return {name: min(self.m, max(1, round(density * self.m))) for name in shapes}
+        densities = layer_densities(shapes, density, self.distribution, self.erk_power_scale)
+        rows = {name: math.prod(shape[1:]) for name, shape in shapes.items()}
+        return {name: min(rows[name], max(1, round(densities[name] * rows[name]))) for name in shapes}
 
     def target_counts(self, density: float) -> dict[str, int]:
         """Active weights per sparse layer at a global ``density``, spread by the distribution."""
@@ -196,7 +289,8 @@ class MaskedMethod(Method):
 
 
 class Static(MaskedMethod):
-    """A fixed random mask (``uniform`` or ``erk`` layer densities); masked weights stay exactly zero."""
+    """A fixed random mask (``uniform`` or ``erk`` layer densities, or a structured ``pattern`` drawn per group,
+    seeded); masked weights stay exactly zero."""
 
 
 class GMP(MaskedMethod):
@@ -212,8 +306,9 @@ class GMP(MaskedMethod):
         begin: fraction of training at which pruning starts, in [0, 1).
         end: fraction of training by which the final density is reached, in (begin, 1].
         update_every: steps between pruning updates, >= 1.
-        distribution, dense_layers, first_layer_dense, last_layer_dense, erk_power_scale: see
-            :class:`MaskedMethod`.
+        distribution, dense_layers, first_layer_dense, last_layer_dense, erk_power_scale, pattern, n, m:
+            see :class:`MaskedMethod` (a structured pattern prunes every group to the same count at
+            each pruning step: the module's docstring).
     """
 
     def __init__(
@@ -227,9 +322,20 @@ class GMP(MaskedMethod):
         first_layer_dense: bool = False,
         last_layer_dense: bool = False,
         erk_power_scale: float = 1.0,
+        pattern: str = "unstructured",
+        n: int | None = None,
+        m: int | None = None,
     ) -> None:
         super().__init__(
-            density, distribution, dense_layers, first_layer_dense, last_layer_dense, erk_power_scale
+            density,
+            distribution,
+            dense_layers,
+            first_layer_dense,
+            last_layer_dense,
+            erk_power_scale,
+            pattern,
+            n,
+            m,
         )
         check_number(begin, "begin", 0.0, 1.0, high_open=True)
         check(is_number(end) and begin < end <= 1.0, "end", end, f"must be in (begin={begin}, 1]")
@@ -264,19 +370,32 @@ class GMP(MaskedMethod):
         if not due:
             self.apply_masks()
             return {}
-        counts = self.target_counts(self.density_at(t))
+        counts = self.pruned_counts(self.density_at(t))
         counts = {n: min(c, self._counts[n]) for n, c in counts.items()}  # pruned weights never return
         if counts == self._counts:
             self.apply_masks()
             return {}
         pruned = sum(self._counts.values()) - sum(counts.values())
         for name, w in self._weights.items():
-            if counts[name] != self._counts[name]:
+            if counts[name] == self._counts[name]:
+                continue
+            if self.pattern == "unstructured":
                 self.masks[name] = magnitude_mask(w, self.masks[name], counts[name])
+            else:  # the largest |w| active in every group (inactive score -1, below every |w|)
+                scores = torch.where(self.masks[name], w.detach().abs(), -1.0)
+                self.masks[name] = self.group_mask(scores, counts[name] // self.groups(w).shape[0])
         self._counts = counts
         self.apply_masks()
         total = sum(m.numel() for m in self.masks.values())
         return {"gmp/density": sum(counts.values()) / total, "gmp/pruned": float(pruned)}
+
+    def pruned_counts(self, density: float) -> dict[str, int]:
+        """Active weights per sparse layer at a global ``density``: :meth:`target_counts`, or with a
+        structured pattern every group's :meth:`group_counts` times the number of groups."""
+        if self.pattern == "unstructured":
+            return self.target_counts(density)
+        per_group = self.group_counts(density)
+        return {name: per_group[name] * self.groups(w).shape[0] for name, w in self._weights.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "counts": dict(self._counts)}

@@ -175,3 +175,113 @@ def drop_and_grow(
     excluded = kept if regrow_dropped else mask  # never regrow a kept weight (or any old one)
     grown = topk_mask(grow_scores.masked_fill(excluded, float("-inf")), k)
     return dropped, grown
+
+
+# -- structured patterns: N:M and constant fan-in -------------------------------------------------
+
+PATTERNS = ("unstructured", "n_m", "fan_in")
+
+
+def group_view(t: Tensor, pattern: str, m: int | None = None) -> Tensor:
+    """``t`` (a weight, its mask or scores) as ``(groups, group size)``, a view where ``t`` is contiguous.
+
+    A row is one output neuron's inputs, flattened (``in_channels * kh * kw`` for a Conv2d). ``fan_in``:
+    the groups are the rows; ``n_m``: every ``m`` consecutive inputs of a row (the row length must be a
+    multiple of ``m``).
+    """
+    rows = t.reshape(t.shape[0], -1)  # (out, in * kh * kw)
+    if pattern == "fan_in":
+        return rows
+    check(pattern == "n_m", "pattern", pattern, "must be 'n_m' or 'fan_in' for a group view")
+    check(m is not None and rows.shape[1] % m == 0, "m", m, f"must divide the row length {rows.shape[1]}")
+    return rows.reshape(-1, m)  # (out * in / m, m)
+
+
+def group_topk_mask(scores: Tensor, k: int) -> Tensor:
+    """A bool mask of ``(G, S)`` ``scores`` with True at the ``k`` largest of every row (exactly ``k`` each)."""
+    check(0 <= k <= scores.shape[1], "k", k, f"must be in [0, {scores.shape[1]}] (the group size)")
+    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return out.scatter_(1, torch.topk(scores, k, dim=1, sorted=False).indices, True)
+
+
+def n_m_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """A mask shaped like ``scores`` keeping the ``n`` best of every ``m`` consecutive inputs of each output."""
+    return group_topk_mask(group_view(scores, "n_m", m), n).view(scores.shape)
+
+
+def fan_in_mask(scores: Tensor, k: int) -> Tensor:
+    """A mask shaped like ``scores`` keeping the ``k`` best inputs of every output (constant fan-in ``k``)."""
+    return group_topk_mask(group_view(scores, "fan_in"), k).view(scores.shape)
+
+
+def _first_per_row(scores: Tensor, counts: Tensor) -> Tensor:
+    """True at the ``counts[g]`` largest ``scores`` of every row ``g`` (ties by index, stable)."""
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    take = torch.arange(scores.shape[1], device=scores.device) < counts.unsqueeze(1)  # (G, S)
+    return torch.zeros_like(take).scatter_(1, order, take)
+
+
+def group_drop_and_grow(
+    weight: Tensor,
+    mask: Tensor,
+    count: int,
+    target: int,
+    k: int,
+    grow_scores: Tensor,
+    regrow_dropped: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One structured prune-and-regrow on ``(G, S)`` views: every group goes from ``count`` to ``target``.
+
+    Drops the ``k`` active weights of smallest |w| of the whole layer, at most :func:`group_drop_cap`
+    from any one group, then grows in every group exactly what brings it to ``target``
+    (``target - count`` plus what it lost), at its best ``grow_scores`` among the connections inactive
+    before the drop (and, with ``regrow_dropped``, the just-dropped ones). The drop is layer-wide, as
+    unstructured RigL's, and the growth per group (SRigL's rule, Lasby et al. 2023): which groups lose
+    weights follows the magnitudes, and every group ends with exactly ``target``.
+
+    Args:
+        weight, mask, grow_scores: ``(G, S)``; every row of ``mask`` has exactly ``count`` True.
+        count: active weights per group before the update.
+        target: active weights per group after it, in [count, S].
+        k: weights dropped, in [0, G * group_drop_cap(...)].
+
+    Returns:
+        ``(dropped, grown)``, bool ``(G, S)``: ``k`` dropped; grown ``G * (target - count) + k`` in all.
+    """
+    groups, size = mask.shape
+    check(count <= target <= size, "target", target, f"must be in [count={count}, {size}]")
+    cap = group_drop_cap(count, target, size, regrow_dropped)
+    check(0 <= k <= groups * cap, "k", k, f"must be in [0, {groups * cap}] ({cap} per group)")
+    # a group's `cap` smallest active |w| may be dropped; then the k smallest of those, layer-wide
+    drop_scores = weight.detach().abs().neg().masked_fill(~mask, float("-inf"))
+    eligible = _first_per_row(drop_scores, torch.full((groups,), cap, device=mask.device)) & mask
+    dropped = topk_mask(drop_scores.masked_fill(~eligible, float("-inf")), k)
+    excluded = (mask & ~dropped) if regrow_dropped else mask
+    need = target - count + dropped.sum(dim=1)  # (G,) what every group grows
+    grown = _first_per_row(grow_scores.masked_fill(excluded, float("-inf")), need)
+    return dropped, grown
+
+
+def group_drop_cap(count: int, target: int, size: int, regrow_dropped: bool = False) -> int:
+    """The most weights one group may drop so that it can still grow back to ``target``: all ``count``
+    with ``regrow_dropped``, else ``size - target`` (the regrowth needs as many connections inactive before)."""
+    return count if regrow_dropped else max(0, min(count, size - target))
+
+
+def salient_counts(weight: Tensor, mask: Tensor, n_active: int, n_drop: int, grow_scores: Tensor) -> Tensor:
+    """SRigL's salient weights of every group of ``(G, S)`` views: those unstructured RigL would keep
+    (all active but the ``n_drop`` smallest |w| of the layer) plus those it would grow (the ``n_drop``
+    best ``grow_scores`` among the rest). Returns ``(G,)`` counts."""
+    kept = topk_mask(weight.detach().abs().masked_fill(~mask, -1.0), n_active - n_drop)
+    grown = topk_mask(grow_scores.masked_fill(kept, float("-inf")), n_drop)
+    return (kept | grown).sum(dim=1)
+
+
+def neurons_to_ablate(salient: Sequence[int], live: Sequence[bool], threshold: int, keep: int) -> list[int]:
+    """SRigL's neuron ablation: the live neurons with fewer than ``threshold`` salient weights, fewest
+    first (ties by index), but never so many that fewer than ``keep`` neurons stay live."""
+    below = sorted(
+        (s, i) for i, (s, alive) in enumerate(zip(salient, live, strict=True)) if alive and s < threshold
+    )
+    room = max(0, sum(map(bool, live)) - keep)
+    return sorted(i for _, i in below[:room])
