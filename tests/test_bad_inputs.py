@@ -172,6 +172,12 @@ MODEL = [
     case("dataset=digits model=resnet50 model.channels_last=1", "must be true or false"),
     case("dataset=digits model=resnet50 model.eval_batch_stats=yes", "must be true or false"),
     # plastic_resnet (reads moons' feature vectors as 1x1 images)
+    case("model=vit", "ViT needs images shaped (C, H, W)", prefix="model.input_shape=(2,) is invalid: "),
+    case(
+        "model=vit dataset=digits model.patch=3",
+        "must divide the image's height and width",
+        prefix="model.patch=3 is invalid: ",
+    ),
     case("model=plastic_resnet model.stem_width=0", "must be an integer > 0"),
     case("model=plastic_resnet model.widths=[8,8,16,18]", "each divisible by expansion=4"),
     case("model=plastic_resnet model.stage_slots=[2,2]", "must be a list of 4 integers >= 1"),

@@ -89,7 +89,7 @@ def test_a_vit_never_trains_in_a_stack():
         "method": {"_target_": "structlearn.methods.masked.Static"},
         "model": {"_target_": "structlearn.models.vit.ViT"},
     }
-    assert why_not(cfg) == "model ViT does not train in a stack (only MLP)"
+    assert why_not(cfg) == "model ViT does not train in a stack (only MLP, URN)"
 
 
 def test_a_vit_trains_on_a_tiny_cifar_folder(make_cfg, tmp_path, cifar_root):
