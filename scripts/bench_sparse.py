@@ -10,9 +10,10 @@ share the machine's conditions:
 * ``condensed``: a constant fan-in mask (every neuron reads round(density * width) inputs);
 * ``semi24``: a 2:4 mask (density 0.5 only), CUDA only: "skipped: reason" elsewhere.
 
-Each is timed at batch 1 (latency) and batch 256 (throughput) as the median of ``--repeats``
-forwards under ``torch.inference_mode``, the kinds in a rotating order in every repetition after
-untimed warm-ups (:func:`structlearn.bench_sparse.median_times`), on ``--threads`` threads
+Each is timed at batch 1 (latency) and batch 256 (throughput) under ``torch.inference_mode`` in
+``--repeats`` rounds, the kinds in a rotating order in every round after untimed warm-ups
+(:func:`structlearn.bench_sparse.timed_rounds`); a speed-up is the median over rounds of the dense
+time over the kind's time in the same round (:func:`structlearn.bench_sparse.medians`), on ``--threads`` threads
 (default 1). Every kind's outputs are checked against the dense layer's before it is timed.
 ``--variants`` also times each implementation of the condensed layer (``csr``, ``embedding_bag``,
 ``gather``; ``condensed`` is its ``auto`` choice). Target: >= 3x at density 0.1 and batch 1 for
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from structlearn.bench_sparse import median_times, tolerance
+from structlearn.bench_sparse import medians, timed_rounds, tolerance
 from structlearn.sparse.execute import CONDENSED_IMPLS, semi_structured_available, sparsify
 from structlearn.utils import resolve_device
 
@@ -90,7 +91,8 @@ def bench_case(
     variants: bool,
     semi24: str | None,
 ) -> tuple[dict[str, dict[int, float]], dict[str, str]]:
-    """Median seconds per kind and batch for one (model, width, density), and the kinds skipped (why)."""
+    """(median seconds, median speed-up over dense) per kind and batch for one (model, width, density),
+    and the kinds skipped (why)."""
     g = torch.Generator().manual_seed(width + round(1000 * density))
     x = torch.randn(max(BATCHES), width, generator=g).to(device)
     nets: dict[str, nn.Module] = {}
@@ -115,14 +117,14 @@ def bench_case(
                     raise AssertionError(
                         f"{name} differs from the masked layer: {(out - reference).abs().max()}"
                     )
-    times = {name: {} for name in nets}
+    times: dict[str, dict[int, tuple[float, float]]] = {name: {} for name in nets}
     for batch in BATCHES:
         xb = x[:batch].contiguous()
-        medians = median_times(
+        rounds = timed_rounds(
             {k: (lambda net=net, xb=xb: net(xb)) for k, net in nets.items()}, repeats, device
         )
-        for name, t in medians.items():
-            times[name][batch] = t
+        for name, result in medians(rounds, "dense").items():
+            times[name][batch] = result
     return times, skipped
 
 
@@ -163,19 +165,19 @@ def main() -> None:
                 times, skipped = bench_case(model, width, density, repeats, device, args.variants, semi24)
                 reasons.update(skipped.values())
                 for batch in BATCHES:
-                    dense = times["dense"][batch]
+                    dense = times["dense"][batch][0]
                     row = {"model": model, "width": width, "density": density, "batch": batch}
                     row["dense_ms"] = 1e3 * dense
                     cells = []
                     for name in ("csr", "condensed", "semi24"):
                         if name in times:
-                            row[f"{name}_ms"] = 1e3 * times[name][batch]
-                            row[f"{name}_speedup"] = dense / times[name][batch]
+                            row[f"{name}_ms"] = 1e3 * times[name][batch][0]
+                            row[f"{name}_speedup"] = times[name][batch][1]
                             cells.append(f"{row[f'{name}_speedup']:.2f}x")
                         else:
                             cells.append("-")
                     for name in (n for n in times if n.startswith("condensed[")):
-                        row[f"{name}_speedup"] = dense / times[name][batch]
+                        row[f"{name}_speedup"] = times[name][batch][1]
                         cells.append(f"{row[f'{name}_speedup']:.2f}x")
                     rows.append(row)
                     print(
@@ -183,7 +185,9 @@ def main() -> None:
                         + " | ".join(cells)
                         + " |"
                     )
-    print(f"\nspeed-up = dense time / kind time (medians); '-': skipped ({'; '.join(sorted(reasons))})")
+    print(
+        f"\nspeed-up: median over rounds of dense time / kind time; '-': skipped ({'; '.join(sorted(reasons))})"
+    )
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.out is not None:
         meta = {

@@ -8,8 +8,8 @@ The network is rebuilt from the run's ``checkpoint.pt`` as ``structlearn-eval`` 
 :mod:`structlearn.sparse.execute`: ``dense`` (the reference), ``masked`` (as trained), ``csr``,
 ``condensed``, ``semi24`` (CUDA only; skipped with its reason elsewhere). For each kind it measures
 the latency of one example (batch 1) and the throughput of a batch of ``--batch`` examples
-(default 256), as medians over ``--repeats`` forwards (the kinds in a rotating order in every
-repetition, after untimed warm-ups), on ``--threads`` CPU threads (default 1), and checks that the
+(default 256), as medians over ``--repeats`` rounds (the kinds in a rotating order in every round,
+after untimed warm-ups; a speed-up is the median of its ratios within a round), on ``--threads`` CPU threads (default 1), and checks that the
 kind's outputs on that batch equal the masked network's. The inputs are random normal examples of
 the run's input shape (the kinds compute the same products on any input).
 
@@ -59,10 +59,10 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def median_times(
+def timed_rounds(
     calls: Mapping[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = WARMUP
-) -> dict[str, float]:
-    """The median wall time in seconds of one call of each, over ``repeats`` samples in a rotating order.
+) -> dict[str, list[float]]:
+    """The wall time in seconds of one call of each, in each of ``repeats`` rounds (a rotating order).
 
     Every call runs ``warmup`` times untimed first. A sample times a call ``number`` times in a row
     (as many as last about ``SAMPLE_S``, at least once: one microsecond-scale call is below the
@@ -88,7 +88,20 @@ def median_times(
                 call()
             _sync(device)
             times[name].append((time.perf_counter() - start) / n)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def medians(rounds: Mapping[str, list[float]], reference: str) -> dict[str, tuple[float, float]]:
+    """Per call: the median time, and the median over rounds of ``reference``'s time / its time.
+
+    The speed-up is paired by round (a slow phase of the machine slows both sides of a ratio), so it
+    is steadier than the ratio of the two medians on a shared machine.
+    """
+    base = rounds[reference]
+    return {
+        name: (statistics.median(t), statistics.median(b / x for b, x in zip(base, t, strict=True)))
+        for name, t in rounds.items()
+    }
 
 
 def tolerance(kind: str, reference: Tensor) -> tuple[float, float]:
@@ -115,7 +128,7 @@ def bench_network(
 
     Returns:
         Per kind: ``layers`` (what each Linear became), ``latency_ms``, ``throughput`` (examples/s),
-        ``speedup_latency`` and ``speedup_throughput`` over dense, ``max_abs_diff`` from the masked
+        ``speedup_latency`` and ``speedup_throughput`` over dense (medians of the ratios by round), ``max_abs_diff`` from the masked
         network's outputs and ``matches_masked``.
     """
     device = torch.device(device)
@@ -139,14 +152,18 @@ def bench_network(
         rtol, atol = tolerance(kind, reference)
         results[kind]["max_abs_diff"] = float((out.float() - reference.float()).abs().max())
         results[kind]["matches_masked"] = bool(torch.allclose(out.float(), reference.float(), rtol, atol))
-    latency = median_times({k: (lambda net=net: net(one)) for k, net in nets.items()}, repeats, device)
-    batched = median_times({k: (lambda net=net: net(x)) for k, net in nets.items()}, repeats, device)
+    latency = medians(
+        timed_rounds({k: (lambda n=n: n(one)) for k, n in nets.items()}, repeats, device), "dense"
+    )
+    batched = medians(
+        timed_rounds({k: (lambda n=n: n(x)) for k, n in nets.items()}, repeats, device), "dense"
+    )
     for kind in nets:
         results[kind].update(
-            latency_ms=1e3 * latency[kind],
-            throughput=batch / batched[kind],
-            speedup_latency=latency["dense"] / latency[kind],
-            speedup_throughput=batched["dense"] / batched[kind],
+            latency_ms=1e3 * latency[kind][0],
+            throughput=batch / batched[kind][0],
+            speedup_latency=latency[kind][1],
+            speedup_throughput=batched[kind][1],
         )
     return results
 

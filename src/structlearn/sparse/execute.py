@@ -23,10 +23,10 @@ not 2:4, a shape the 2:4 kernels refuse); :func:`layer_kinds` says which kind ea
 why. The outputs equal the masked network's to float tolerance (float16 rounding for ``semi24``).
 
 Measured on one CPU thread (``scripts/bench_sparse.py``), the speed of the sparse kinds rests on
-two choices, each a measured one: int32 indices (MKL's sparse kernels run 2-4x faster with them
-than with int64), and, for batches of many examples, the batch split into tiles of
-``TILE_BYTES`` of input (the columns of the input a sparse row gathers then stay in the L2 cache;
-a 4096-wide layer at density 0.1 runs 2.5x faster than without tiles at batch 256).
+two choices: int32 indices (MKL's sparse products ran 1.7-3.3x faster with them than with int64
+here), and, for batches of many examples, the batch split into tiles of ``TILE_BYTES`` of input
+(the input columns a sparse row gathers then stay in the L2 cache: a 4096-wide layer at density
+0.1 ran about 2.5x faster at batch 256 than without tiles).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ KINDS = ("dense", "masked", "csr", "condensed", "semi24")
 SPARSE_KINDS = ("csr", "condensed", "semi24")
 CONDENSED_IMPLS = ("auto", "csr", "embedding_bag", "gather")
 TILE_BYTES = 1 << 20  # input bytes per batch tile on CPU: 1 MiB, half of one core's L2 here
-SMALL_BATCH = 16  # condensed "auto": fewer examples than this go through the CSR kernel
+SMALL_BATCH = 32  # condensed "auto": fewer rows use the CSR kernel (the crossover measured on CPU)
 
 
 class SparseUnavailable(RuntimeError):
