@@ -122,7 +122,7 @@ def test_layers_stay_dense_where_the_kind_does_not_apply():
         net[0].weight[0] = 1.0  # a neuron that reads every input: a condensed layer would be larger
     assert layer_kinds(net, "csr") == {"0": "csr", "2": "dense (density 1)"}
     kinds = layer_kinds(net, "condensed")
-    assert kinds["0"].startswith("dense (a neuron has every input") and kinds["2"] == "dense (density 1)"
+    assert kinds["0"].startswith("dense (a neuron reads every input") and kinds["2"] == "dense (density 1)"
     sparse = sparsify(net, "condensed")
     assert type(sparse[0]) is nn.Linear and type(sparse[2]) is nn.Linear
     _same(sparse, net, 4, 12)

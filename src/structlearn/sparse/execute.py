@@ -125,17 +125,12 @@ def is_two_four(weight: Tensor) -> bool:
 def _why_dense(weight: Tensor, kind: str) -> str | None:
     """Why a layer of effective ``weight`` stays dense under ``kind``, or None when it becomes ``kind``."""
     nonzero = int(torch.count_nonzero(weight))
-    if kind in ("dense", "masked"):
+    if kind in ("dense", "masked"):  # every layer a plain Linear
         return kind
     if nonzero == weight.numel():
         return "density 1"
-    if kind == "condensed":
-        fan_in = int((weight != 0).sum(1).max())
-        return (
-            "a neuron has every input (the condensed layer would hold more than the dense one)"
-            if (fan_in == weight.shape[1])
-            else None
-        )
+    if kind == "condensed" and bool((weight != 0).all(1).any()):
+        return "a neuron reads every input: its condensed row would be larger than the dense one"
     if kind == "semi24":
         if not is_two_four(weight):
             return "not 2:4 (a group of four consecutive inputs has more than two non-zero weights)"
