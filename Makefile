@@ -21,14 +21,14 @@ setup: $(STAMP)  ## create .venv with the locked dependencies
 run: setup  ## train the default experiment (dense MLP on moons, CPU, seconds); ARGS="method=static ..."
 	$(BIN)/structlearn $(ARGS)
 
-test: setup  ## the fast test suite (excludes tests marked slow or slurm)
-	$(BIN)/pytest -m "not slow and not slurm" -q
+test: setup  ## the fast test suite (excludes tests marked slow or slurm), one worker per core
+	$(BIN)/pytest -m "not slow and not slurm" -q -n auto
 
 test-slurm: setup  ## the tests through a SLURM cluster (as root: scripts/slurm_local.sh start first)
 	$(BIN)/pytest -m slurm -q -rs
 
-test-full: setup  ## every test, slow ones included
-	$(BIN)/pytest -q
+test-full: setup  ## every test, slow ones included, one worker per core
+	$(BIN)/pytest -q -n auto
 
 bench: setup  ## benchmarks: runner vs a hand-written loop, in-memory batches vs DataLoader
 	$(BIN)/python scripts/bench_runner.py

@@ -389,3 +389,21 @@ def test_members_stop_early_as_their_single_runs_and_the_others_go_on(tmp_path):
     for seed, (single, member) in enumerate(zip(singles, stacked, strict=True)):
         assert member["status"] == "completed" and member["stopped_early"] == single["stopped_early"]
         assert _close(_rows(tmp_path / str(seed)), _rows(tmp_path / f"single{seed}"))
+
+
+@pytest.mark.slow
+def test_over_ten_seeds_stacked_and_single_final_accuracies_do_not_differ(tmp_path):
+    """The issue's statistical check, and a stronger one: per seed the final test accuracy of the member
+    equals its single run's (to float tolerance), so a paired t-test finds nothing."""
+    from scipy import stats
+
+    overrides = [*RIGL, "schedule.epochs=6", "checkpoint=none"]
+    seeds = list(range(10))
+    single = [execute(_cfg(*overrides, f"seed={s}"), tmp_path / f"single{s}")["final"] for s in seeds]
+    stacked = [s["final"] for s in _stack(overrides, [tmp_path / str(s) for s in seeds], seeds)]
+    a = [r["test_acc"] for r in single]
+    b = [r["test_acc"] for r in stacked]
+    assert b == pytest.approx(a, abs=1e-6)
+    assert [r["train_loss"] for r in stacked] == pytest.approx([r["train_loss"] for r in single], rel=1e-5)
+    differ = [x != y for x, y in zip(a, b, strict=True)]
+    assert not any(differ) or stats.ttest_rel(a, b).pvalue > 0.05
