@@ -170,10 +170,16 @@ def plot_rows(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") ->
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        densities = sorted({p[0] for (b, _), points in series.items() if b == batch for p in points})
+        ax.set_xticks(densities, [f"{d:g}" for d in densities])
+        ax.minorticks_off()
         ax.invert_xaxis()
         ax.set_xlabel("density")
         ax.set_title(f"batch {batch}", fontsize=9)
         ax.legend(fontsize=7)
+    ticks = [t for t in (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100) if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    axes[0].set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    axes[0].minorticks_off()
     axes[0].set_ylabel("speed-up over dense (median, range)")
     if title:
         fig.suptitle(title, fontsize=8)
