@@ -16,12 +16,15 @@ Each is timed at batch 1 (latency) and batch 256 (throughput) under ``torch.infe
 time over the kind's time in the same round (:func:`structlearn.bench_sparse.medians`), on ``--threads`` threads
 (default 1). Every kind's outputs are checked against the dense layer's before it is timed.
 ``--variants`` also times each implementation of the condensed layer (``csr``, ``embedding_bag``,
-``gather``; ``condensed`` is its ``auto`` choice). Target: >= 3x at density 0.1 and batch 1 for
+``gather``; ``condensed`` is its ``auto`` choice). ``--plot FILE.png`` draws the speed-up against density,
+one panel per batch size, each kind's median over the networks with its range as a band
+(:func:`plot_rows`). Target: >= 3x at density 0.1 and batch 1 for
 constant fan-in (SRigL reports 3.4x on CPU). Run from the repository root::
 
     .venv/bin/python scripts/bench_sparse.py                  # full settings, a few minutes
     .venv/bin/python scripts/bench_sparse.py --quick          # smoke test, a few seconds
     .venv/bin/python scripts/bench_sparse.py --device cuda --out sparse_cuda.json
+    .venv/bin/python scripts/bench_sparse.py --repeats 5 --out rows.json --plot speedup.png
 """
 
 from __future__ import annotations
@@ -29,13 +32,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from structlearn.bench_sparse import medians, timed_rounds, tolerance
+from structlearn.plotting import figure
 from structlearn.sparse.execute import CONDENSED_IMPLS, semi_structured_available, sparsify
 from structlearn.utils import resolve_device
 
@@ -69,6 +76,7 @@ def two_four_mask(out_features: int, in_features: int, density: float, g: torch.
 
 
 MASKS = {"csr": random_mask, "condensed": fan_in_mask, "semi24": two_four_mask}
+KINDS = tuple(MASKS)
 
 
 def masked_net(model: str, width: int, density: float, mask_of, g: torch.Generator) -> nn.Module:
@@ -128,6 +136,57 @@ def bench_case(
     return times, skipped
 
 
+def speedup_series(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[int, str], list[tuple[float, ...]]]:
+    """Per (batch, kind): (density, min, median, max) of the speed-up over the networks (model, width)
+    measured at that density, densities in decreasing order; kinds never measured are left out."""
+    series: dict[tuple[int, str], list[tuple[float, ...]]] = {}
+    for batch in sorted({int(r["batch"]) for r in rows}):
+        for kind in KINDS:
+            at = [r for r in rows if r["batch"] == batch and f"{kind}_speedup" in r]
+            points = []
+            for density in sorted({r["density"] for r in at}, reverse=True):
+                values = [r[f"{kind}_speedup"] for r in at if r["density"] == density]
+                points.append((density, min(values), statistics.median(values), max(values)))
+            if points:
+                series[batch, kind] = points
+    return series
+
+
+def plot_rows(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> dict:
+    """Speed-up over dense against density, one panel per batch size: each kind's median over the
+    networks as a line, their range as a band, 1x (break-even) dashed. Returns :func:`speedup_series`."""
+    series = speedup_series(rows)
+    batches = sorted({batch for batch, _ in series})
+    fig = figure(figsize=(3.4 * len(batches) + 0.4, 3.3), layout="constrained")
+    axes = fig.subplots(1, len(batches), sharey=True, squeeze=False)[0]
+    for ax, batch in zip(axes, batches, strict=True):
+        for i, kind in enumerate(KINDS):
+            if (batch, kind) not in series:
+                continue
+            density, low, mid, high = zip(*series[batch, kind], strict=True)
+            color = f"C{i}"
+            ax.fill_between(density, low, high, color=color, alpha=0.2, linewidth=0)
+            ax.plot(density, mid, "o-", color=color, markersize=3, label=kind)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        densities = sorted({p[0] for (b, _), points in series.items() if b == batch for p in points})
+        ax.set_xticks(densities, [f"{d:g}" for d in densities])
+        ax.minorticks_off()
+        ax.invert_xaxis()
+        ax.set_xlabel("density")
+        ax.set_title(f"batch {batch}", fontsize=9)
+        ax.legend(fontsize=7)
+    ticks = [t for t in (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100) if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    axes[0].set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    axes[0].minorticks_off()
+    axes[0].set_ylabel("speed-up over dense (median, range)")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.savefig(path, format="png", dpi=130)
+    return series
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -141,6 +200,7 @@ def main() -> None:
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--out", type=Path, default=None, help="save the rows as JSON")
+    parser.add_argument("--plot", type=Path, default=None, help="draw the speed-up against density (PNG)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -198,6 +258,10 @@ def main() -> None:
         }
         args.out.write_text(json.dumps({"meta": meta, "semi24": reason, "rows": rows}, indent=2) + "\n")
         print(f"written: {args.out}")
+    if args.plot is not None:
+        where = f"{platform.processor() or platform.machine()}, {device}, {args.threads} thread(s)"
+        plot_rows(rows, args.plot, f"{len(widths) * len(models)} networks, {repeats} rounds; {where}")
+        print(f"written: {args.plot}")
 
 
 if __name__ == "__main__":

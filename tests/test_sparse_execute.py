@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -24,7 +25,7 @@ from structlearn.sparse.execute import (
     sparsify,
 )
 
-from .conftest import PYTHON, TINY, TOY_SIZES, compose_config
+from .conftest import PYTHON, REPO, TINY, TOY_SIZES, compose_config
 from .test_cli import cli
 
 # a known 3x4 weight: one neuron reads inputs 1 and 3, one reads nothing, one reads input 0
@@ -271,3 +272,31 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, args, says):
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path), *args])
     assert exit_.value.code == 2 and says in _one_error_line(capsys)
+
+
+def _bench_script():
+    spec = importlib.util.spec_from_file_location("bench_sparse_script", REPO / "scripts" / "bench_sparse.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_plot_draws_each_kinds_median_and_range_over_the_networks_per_batch(tmp_path):
+    script = _bench_script()
+    rows = []  # three networks at two densities; condensed measured at batch 1 only, semi24 never (CPU)
+    for model, width, (at_half, at_tenth) in (
+        ("layer", 1024, (0.5, 4.0)),
+        ("layer", 2048, (0.7, 6.0)),
+        ("mlp3", 1024, (0.6, 9.0)),
+    ):
+        for density, speedup in ((0.5, at_half), (0.1, at_tenth)):
+            net = {"model": model, "width": width, "density": density}
+            rows.append({**net, "batch": 1, "csr_speedup": speedup, "condensed_speedup": 2 * speedup})
+            rows.append({**net, "batch": 256, "csr_speedup": speedup / 2})
+    path = tmp_path / "speedup.png"
+    series = script.plot_rows(rows, path, "test")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert set(series) == {(1, "csr"), (1, "condensed"), (256, "csr")}  # no line for what was not measured
+    assert series[1, "csr"] == [(0.5, 0.5, 0.6, 0.7), (0.1, 4.0, 6.0, 9.0)]  # (density, min, median, max)
+    assert series[1, "condensed"] == [(0.5, 1.0, 1.2, 1.4), (0.1, 8.0, 12.0, 18.0)]
+    assert series[256, "csr"] == [(0.5, 0.25, 0.3, 0.35), (0.1, 2.0, 3.0, 4.5)]
