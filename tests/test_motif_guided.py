@@ -364,7 +364,7 @@ def test_lesions_at_the_end_of_a_run_and_from_structlearn_analyze(tmp_path, caps
         "method=static",
         "analysis.randomizations=0",
         "analysis.export=[]",
-        "+analysis.lesions={motifs: [bifan], controls: 2, kinds: [random]}",
+        "analysis.lesions={motifs: [bifan], controls: 2, kinds: [random]}",
     ]
     summary = execute(_cfg(*overrides), tmp_path / "run")
     assert summary["status"] == "completed"
