@@ -183,7 +183,9 @@ def lesion_tables(path: Path) -> tuple[list[str], pd.DataFrame | None]:
         net["intact"] = 100 * rows[(rows.path == run) & (rows.kind == "intact")].test_acc.iloc[0]
         for kind in ("motif", "random", "degree"):
             k = g[g.kind == kind]
-            net[kind] = 100 * k["delta/test_acc"].mean() if len(k) else np.nan
+            net["lesion" if kind == "motif" else kind] = (
+                100 * k["delta/test_acc"].mean() if len(k) else np.nan
+            )
             net[f"{kind}_overlap"] = k["overlap"].mean() if len(k) else np.nan
         net["removed"] = g[g.kind == "motif"].removed_fraction.iloc[0]
         per_net.append(net)
@@ -191,8 +193,8 @@ def lesion_tables(path: Path) -> tuple[list[str], pd.DataFrame | None]:
     tests = []
     for (method, ds, motif), g in nets.groupby(["method", "dataset", "motif"]):
         for kind in ("random", "degree"):
-            d = g["motif"] - g[kind]
-            p = stats.ttest_rel(g["motif"], g[kind]).pvalue if d.abs().sum() > 0 else 1.0
+            d = g["lesion"] - g[kind]
+            p = stats.ttest_rel(g["lesion"], g[kind]).pvalue if d.abs().sum() > 0 else 1.0
             tests.append((method, ds, motif, kind, g, float(d.mean()), float(p)))
     adjusted = holm([t[6] for t in tests])
     out = [
@@ -213,8 +215,8 @@ def lesion_tables(path: Path) -> tuple[list[str], pd.DataFrame | None]:
     for (method, ds, motif), v in sorted(by_key.items()):
         g = v["g"]
         out.append(
-            f"| {method} | {ds} | {motif} | {len(g)} | {g.intact.mean():.1f} | {g['motif'].mean():+.1f} ± "
-            f"{g['motif'].std(ddof=1):.1f} | {g['random'].mean():+.1f} ± {g['random'].std(ddof=1):.1f} | "
+            f"| {method} | {ds} | {motif} | {len(g)} | {g.intact.mean():.1f} | {g['lesion'].mean():+.1f} ± "
+            f"{g['lesion'].std(ddof=1):.1f} | {g['random'].mean():+.1f} ± {g['random'].std(ddof=1):.1f} | "
             f"{g['degree'].mean():+.1f} ± {g['degree'].std(ddof=1):.1f} | {v['random'][0]:+.1f} "
             f"({fmt_p(v['random'][1])}) | {v['degree'][0]:+.1f} ({fmt_p(v['degree'][1])}) | "
             f"{g.random_overlap.mean():.2f} / {g.degree_overlap.mean():.2f} |"
@@ -254,14 +256,14 @@ def plot_lesions(nets: pd.DataFrame, path: Path) -> None:
         labels = [f"{m}\n{d}" for m, d in g.groupby(["method", "dataset"]).groups]
         grouped = g.groupby(["method", "dataset"])
         x = np.arange(len(labels))
-        for k, kind in enumerate(("motif", "random", "degree")):
+        for k, kind in enumerate(("lesion", "random", "degree")):
             ax.bar(
                 x + (k - 1) * 0.27,
                 grouped[kind].mean(),
                 0.27,
                 yerr=grouped[kind].std(ddof=1),
                 capsize=2,
-                label={"motif": "lesion", "random": "random (per layer)", "degree": "degree-matched"}[kind],
+                label={"lesion": "lesion", "random": "random (per layer)", "degree": "degree-matched"}[kind],
             )
         ax.set_xticks(x, labels, fontsize=6)
         ax.set_title(f"{motif}: Δ test acc. (points)")

@@ -344,7 +344,7 @@ class DynamicSparse(MaskedMethod):
         layers = [name for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
         self._output_layer = f"{layers[-1]}.weight" if layers and layers[-1] else "weight"
         if self.motif_weight > 0:
-            self._grow_chain = linear_chain(model, "motif_weight")
+            self._grow_chain = linear_chain(model, "method.motif_weight", self.motif_weight)
         model = super().prepare(model, plan)
         if self.pattern != "unstructured":
             per_group = self.group_counts(self.density)

@@ -89,10 +89,11 @@ def check_seed_motif(seed_motif: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def linear_chain(model: nn.Module, option: str) -> list[tuple[str, nn.Parameter]]:
+def linear_chain(model: nn.Module, option: str, value: Any) -> list[tuple[str, nn.Parameter]]:
     """The weights of a model's Linear layers in order, each reading the previous one's outputs (an MLP).
 
-    Raises a ``ValueError`` naming ``option`` when the model has a Conv2d layer or its Linear layers do not chain.
+    Raises a ``ValueError`` naming ``option=value`` when the model has a Conv2d layer or its Linear layers do
+    not chain.
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     chained = bool(layers) and all(isinstance(m, nn.Linear) for _, m in layers)
@@ -102,7 +103,7 @@ def linear_chain(model: nn.Module, option: str) -> list[tuple[str, nn.Parameter]
     check(
         chained,
         option,
-        "motif",
+        value,
         "needs an MLP: the model's Linear layers must chain (each reading the previous one's outputs), "
         "without Conv2d layers",
     )
@@ -216,7 +217,7 @@ class MaskedMethod(Method):
                 "keep that layer dense (dense_layers, first_layer_dense) or choose another m",
             )
         if self.init == "motif_seeded":
-            self._chain = linear_chain(model, "init")
+            self._chain = linear_chain(model, "method.init", self.init)
         self.masks = self.initial_masks(self._weights)
         if self.init == "motif_seeded":
             self.masks = self.seeded_masks(self.masks)
