@@ -11,6 +11,14 @@ the way the run was (MorphoNet's hard prune, the URN's prune to its emergent net
 checkpoint already holds the finalised network, so the graph is the network the run evaluated. The results go into ``<run dir>/structure/checkpoint/``
 (profile table and picture, numbers, graph files); with ``--out``, all runs' numbers are also
 collected in ``profiles.csv`` and their z-score profiles drawn side by side in ``profiles.png``.
+
+With ``--lesions`` (MLPs), each network is also evaluated with its motif lesions and their random controls
+(:mod:`structlearn.analysis.lesions`) on the run's own data (rebuilt from the checkpoint's config with the
+run's seed, as ``structlearn-eval`` does): ``<run dir>/structure/checkpoint/lesions.csv``, and with ``--out``
+every run's rows in ``lesions.csv``.
+
+    structlearn-analyze outputs/multiruns/sweep --randomizations 0 --lesions bifan diamond/unbalanced \
+        --lesion-controls 5 --lesion-top-fraction 0.2 --out lesion_tables
 """
 
 from __future__ import annotations
@@ -25,13 +33,15 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
+from structlearn.analysis.lesions import CONTROLS, LESION_MOTIFS
 from structlearn.analysis.motifs import MotifProfile
 from structlearn.analysis.plots import plot_profile
-from structlearn.analysis.structure import EXPORTS, StructureAnalysis, analyse
+from structlearn.analysis.structure import EXPORTS, StructureAnalysis, analyse, check_lesions, run_lesions
 from structlearn.methods.base import Method, Plan
 from structlearn.run_dir import RunDir
 from structlearn.run_state import Checkpoint, restore_network
-from structlearn.utils import ConfigError, OneLineParser, build
+from structlearn.runner import evaluate
+from structlearn.utils import ConfigError, OneLineParser, build, seed_everything
 
 SHOWN = (
     "edges",
@@ -111,6 +121,44 @@ def label_of(saved: Checkpoint) -> str:
     return f"{saved.names.get('method', '?')}/{saved.names.get('dataset', '?')}/seed{saved.plan['seed']}"
 
 
+def lesion_checkpoint(path: Path, settings: dict[str, Any], out: Path | None = None) -> list[dict[str, Any]]:
+    """The motif lesions of one checkpoint's network on the run's own data; rows (with ``run``) of its table."""
+    saved = Checkpoint.load(path)
+    seed_everything(int(saved.plan["seed"]))  # as the run did before it built its data
+    data = build(saved.config["dataset"], "dataset")
+    model, method = rebuild_network(saved)
+    graph = method.graph(model)
+    label = label_of(saved)
+    if graph is None or graph.kind != "layered":
+        print(f"{path}: {label}: lesions skipped (they read an MLP's layered graph)")
+        return []
+    size = 4 * int(saved.config["schedule"]["batch_size"])
+    splits = ("val", "test") if data.has_val else ("test",)
+
+    def accuracies() -> dict[str, float]:
+        out = {}
+        for split in splits:
+            method.before_evaluation(model, split)
+            out[f"{split}_acc"] = evaluate(
+                model, data.eval_batches(size, split=split), torch.device("cpu"), "fp32"
+            )["acc"]
+        return out
+
+    started = time.perf_counter()
+    headline, file = run_lesions(
+        model,
+        graph,
+        accuracies,
+        settings,
+        (saved.plan["seed"], 0),
+        out or RunDir(path.parent).structure / "checkpoint",
+    )
+    shown = ", ".join(f"{m}: {headline[f'{m}/delta']:+.3f}" for m in settings["motifs"])
+    print(f"{path}: {label}: lesions (Δ test acc) {shown}; {time.perf_counter() - started:.1f} s -> {file}")
+    rows = pd.read_csv(file).to_dict("records")
+    return [{"run": label, "path": str(path.parent), **row} for row in rows]
+
+
 def analyse_checkpoint(
     path: Path, analysis: StructureAnalysis, out: Path | None = None
 ) -> tuple[str, dict, Any]:
@@ -150,8 +198,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="also write profiles.csv and profiles.png here"
     )
+    parser.add_argument(
+        "--lesions",
+        nargs="+",
+        default=None,
+        choices=LESION_MOTIFS,
+        help="also lesion these motif classes (MLPs)",
+    )
+    parser.add_argument("--lesion-controls", type=int, default=5, help="draws of each control per lesion")
+    parser.add_argument(
+        "--lesion-kinds", nargs="+", default=list(CONTROLS), choices=CONTROLS, help="control kinds"
+    )
+    parser.add_argument(
+        "--lesion-top-fraction",
+        type=float,
+        default=None,
+        help="lesion only this fraction of all edges, the most embedded in the class (default: every edge in one)",
+    )
     args = parser.parse_args(argv)
+    lesion_rows: list[dict[str, Any]] = []
     try:
+        lesions = None
+        if args.lesions is not None:
+            try:
+                lesions = check_lesions(
+                    {
+                        "motifs": args.lesions,
+                        "controls": args.lesion_controls,
+                        "kinds": args.lesion_kinds,
+                        "top_fraction": args.lesion_top_fraction,
+                    },
+                    name="--lesion",
+                )
+            except ValueError as exc:  # name the flags: --lesion.top_fraction -> --lesion-top-fraction
+                flag = str(exc).split("=", 1)[0]
+                raise ValueError(
+                    str(exc).replace(flag, flag.replace(".", "-").replace("_", "-"), 1)
+                ) from None
         analysis = StructureAnalysis(
             randomizations=args.randomizations,
             swaps_per_edge=args.swaps_per_edge,
@@ -160,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         checkpoints = find_checkpoints(args.paths)
         results = [analyse_checkpoint(path, analysis) for path in checkpoints]
+        if lesions is not None:
+            for path in checkpoints:
+                lesion_rows += lesion_checkpoint(path, lesions)
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         print(f"structlearn-analyze: error: {exc}", file=sys.stderr)
         return 2
@@ -175,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"written: {args.out / 'profiles.csv'}" + (f", {args.out / 'profiles.png'}" if profiles else "")
         )
+        if lesion_rows:
+            pd.DataFrame(lesion_rows).to_csv(args.out / "lesions.csv", index=False)
+            print(f"written: {args.out / 'lesions.csv'}")
     return 0
 
 

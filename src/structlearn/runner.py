@@ -794,7 +794,22 @@ class _Loop:
                 headline, paths = {"error": f"{type(exc).__name__}: {exc}"}, []
             out["structure_analysis"] = headline
             out["artifacts"] += [str(p) for p in paths]
+            if analysis.lesions is not None:
+                try:
+                    lesions, paths = analysis.lesion(
+                        self.model, self.method.graph(self.model), self.lesion_evaluation
+                    )
+                except Exception as exc:  # as the analysis: never fails a completed run
+                    log.exception("the lesion analysis failed; the run's own results are unaffected")
+                    lesions, paths = {"error": f"{type(exc).__name__}: {exc}"}, []
+                out["lesions"] = lesions
+                out["artifacts"] += [str(p) for p in paths]
         return out
+
+    def lesion_evaluation(self) -> dict[str, float]:
+        """Held-out accuracies of the network as it stands (a lesioned one): ``val_acc`` and ``test_acc``."""
+        held_out = self.evaluate_held_out("a lesion evaluation")
+        return {k: v for k, v in held_out.items() if k.endswith("_acc")}
 
     def observe_flops(self, step: int, examples: int) -> bool:
         """Count the network's FLOPs at this point; a counting failure is reported, never fatal."""

@@ -16,6 +16,8 @@ into ``<run dir>/structure/``:
                             ``count/``, ``z/`` keys
 ``trajectory.png``          z-scores over training (with ``every``)
 ``graph.npz`` ...           the final graph (``export``: npz, graphml, edges)
+``lesions.csv``             with ``lesions``: every motif lesion and control draw, its accuracies
+                            and their change from the intact network (:mod:`.lesions`)
 ==========================  ==============================================================
 
 and the headline numbers into ``summary.json`` under ``structure_analysis``. The null model's
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ import pandas as pd
 import torch
 
 from structlearn.analysis.graph import SignedGraph, write_graph
+from structlearn.analysis.lesions import CONTROLS, LESION_MOTIFS, lesion_study, lesion_summary
 from structlearn.analysis.motifs import MotifProfile, motif_census, motif_profile
 from structlearn.analysis.plots import plot_profile, plot_trajectory
 from structlearn.analysis.topology import layer_stats, possible_edges, topology_summary
@@ -46,6 +49,7 @@ from structlearn.utils import (
     check_int,
     check_number,
     is_list,
+    is_number,
     json_plain,
     write_csv,
 )
@@ -96,6 +100,76 @@ def analyse(
     return numbers, profile
 
 
+LESION_DEFAULTS = {
+    "motifs": ["bifan", "diamond/unbalanced"],
+    "controls": 5,
+    "kinds": list(CONTROLS),
+    "top_fraction": None,
+}
+
+
+def check_lesions(lesions: Mapping[str, Any], name: str = "lesions") -> dict[str, Any]:
+    """Lesion settings with their defaults filled in, every value checked (errors name ``lesions.<key>``)."""
+    given = dict(lesions)
+    unknown = sorted(set(given) - set(LESION_DEFAULTS))
+    check(not unknown, name, given, f"takes only the keys {sorted(LESION_DEFAULTS)}, not {unknown}")
+    out = {**LESION_DEFAULTS, **given}
+    check(
+        is_list(out["motifs"], lambda m: m in LESION_MOTIFS) and len(out["motifs"]) > 0,
+        f"{name}.motifs",
+        out["motifs"],
+        f"must be a non-empty list, each one of {LESION_MOTIFS}",
+    )
+    check_int(out["controls"], f"{name}.controls", 1)
+    check(
+        is_list(out["kinds"], lambda k: k in CONTROLS),
+        f"{name}.kinds",
+        out["kinds"],
+        f"must be a list, each one of {CONTROLS}",
+    )
+    top = out["top_fraction"]
+    check(
+        top is None or (is_number(top) and 0 < top <= 1),
+        f"{name}.top_fraction",
+        top,
+        "must be in (0, 1] (the most embedded edges) or null (every edge of the class)",
+    )
+    return {
+        "motifs": list(out["motifs"]),
+        "controls": int(out["controls"]),
+        "kinds": list(out["kinds"]),
+        "top_fraction": None if top is None else float(top),
+    }
+
+
+def run_lesions(
+    model: torch.nn.Module,
+    graph: SignedGraph,
+    evaluate: Callable[[], Mapping[str, float]],
+    settings: Mapping[str, Any],
+    seed: Sequence[int],
+    out: Path,
+) -> tuple[dict[str, float], Path]:
+    """:func:`~structlearn.analysis.lesions.lesion_study` with ``settings``; writes ``out/lesions.csv``.
+
+    Returns the headline (:func:`~structlearn.analysis.lesions.lesion_summary` of ``test_acc``) and the file.
+    """
+    rows = lesion_study(
+        model,
+        graph,
+        evaluate,
+        settings["motifs"],
+        settings["controls"],
+        settings["kinds"],
+        list(seed),
+        settings["top_fraction"],
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "lesions.csv"
+    write_csv(path, rows)
+    return lesion_summary(rows, "test_acc"), path
+
+
 class StructureAnalysis:
     """When and how to analyse the learned structure of a run (the ``analysis`` config group).
 
@@ -111,6 +185,10 @@ class StructureAnalysis:
             (CSV edge list ``source,target,weight,sign``).
         graphml_max_edges: GraphML is skipped above this many edges (it is slow and large there;
             npz and edges are not).
+        lesions: null (the default: none), or the motif lesions of the final network (:mod:`.lesions`):
+            ``motifs`` (classes of ``LESION_MOTIFS``), ``controls`` (draws per control kind, >= 1),
+            ``kinds`` (``random``, ``degree``), ``top_fraction`` (null: every edge of the class; a fraction:
+            the most embedded edges); keys left out take :data:`LESION_DEFAULTS`.
     """
 
     def __init__(
@@ -122,6 +200,7 @@ class StructureAnalysis:
         by_sign: bool = False,
         export: Sequence[str] = ("npz",),
         graphml_max_edges: int = 200_000,
+        lesions: Mapping[str, Any] | None = None,
     ) -> None:
         check_bool(at_end, "at_end")
         check_int(every_epochs, "every_epochs", 1, allow_none=True)
@@ -135,6 +214,7 @@ class StructureAnalysis:
             f"must be a list, each one of {EXPORTS} (e.g. [npz, edges]; [] for none)",
         )
         check_int(graphml_max_edges, "graphml_max_edges", 0)
+        self.lesions = None if lesions is None else check_lesions(lesions)
         self.at_end, self.every_epochs = bool(at_end), every_epochs
         self.randomizations, self.swaps_per_edge, self.by_sign = (
             randomizations,
@@ -231,6 +311,17 @@ class StructureAnalysis:
         return {k: numbers[k] for k in HEADLINE if k in numbers} | {
             "randomizations": self.randomizations
         }, paths
+
+    def lesion(
+        self, model: torch.nn.Module, graph: SignedGraph | None, evaluate: Callable[[], Mapping[str, float]]
+    ) -> tuple[dict[str, Any], list[Path]]:
+        """The motif lesions of the final network (``lesions``), into ``structure/lesions.csv``; the headline."""
+        if self.lesions is None:
+            return {}, []
+        if graph is None or graph.kind != "layered":
+            return {"skipped": "lesions read an MLP's layered graph"}, []
+        headline, path = run_lesions(model, graph, evaluate, self.lesions, (self._seed, 0), self._out)
+        return headline, [path]
 
     def write(
         self,

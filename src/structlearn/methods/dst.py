@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from structlearn import schedules
 from structlearn.flops import FlopCount
 from structlearn.methods.base import OptimizerSlot, Plan
-from structlearn.methods.masked import MaskedMethod
+from structlearn.methods.masked import MaskedMethod, linear_chain
 from structlearn.sparse.masks import (
     drop_and_grow,
     group_drop_and_grow,
@@ -82,6 +82,7 @@ from structlearn.sparse.masks import (
     salient_counts,
     topk_mask,
 )
+from structlearn.sparse.motif_masks import SEED_MOTIFS, completion_scores
 from structlearn.utils import check, check_choice, check_number
 
 UPDATE_ORDERS = ("instead_of_step", "after_step")
@@ -141,7 +142,17 @@ class DynamicSparse(MaskedMethod):
             ``pattern="fan_in"``.
         ablation_reference: what gamma_sal multiplies: ``fan_in`` (the current constant fan-in) or
             ``dense`` (the row length).
+        init, seed_motif: the starting masks, ``random`` or ``motif_seeded`` (see :class:`MaskedMethod`).
+        motif_weight: weight of the motif term in the growth score, >= 0; 0 (the default) grows by
+            :meth:`grow_scores` alone. Above 0 a candidate scores ``s / max s + motif_weight * c / max c``
+            (both maxima over the layer's candidates), ``s`` the rule's score and ``c`` how many ``grow_motif``
+            motifs the connection would complete in the current masks
+            (:func:`~structlearn.sparse.motif_masks.completion_scores`). MLPs only.
+        grow_motif: ``bifan`` or ``diamond``, the motif ``motif_weight`` rewards.
     """
+
+    MOTIF_GROWTH: ClassVar[bool] = True
+    """Whether growth goes through :meth:`growth_scores` (so a motif term can be added to it)."""
 
     STRUCTURED: ClassVar[bool] = True
     """Whether the method keeps per-layer counts, so that a structured ``pattern`` can hold."""
@@ -182,6 +193,10 @@ class DynamicSparse(MaskedMethod):
         m: int | None = None,
         ablation_threshold: float = 0.0,
         ablation_reference: str = "fan_in",
+        init: str = "random",
+        seed_motif: Mapping[str, Any] | None = None,
+        motif_weight: float = 0.0,
+        grow_motif: str = "bifan",
     ) -> None:
         def chosen(name: str, value: Any) -> Any:
             return self.DEFAULTS[name] if value is None else value
@@ -205,6 +220,8 @@ class DynamicSparse(MaskedMethod):
             pattern,
             n,
             m,
+            init,
+            seed_motif,
         )
         check(
             self.STRUCTURED or pattern == "unstructured",
@@ -220,6 +237,14 @@ class DynamicSparse(MaskedMethod):
             f"must be 0 unless pattern is 'fan_in' (pattern={pattern!r}): neuron ablation keeps a constant fan-in",
         )
         check_choice(ablation_reference, "ablation_reference", ABLATION_REFERENCES)
+        check_number(motif_weight, "motif_weight", 0.0)
+        check_choice(grow_motif, "grow_motif", SEED_MOTIFS)
+        check(
+            motif_weight == 0 or self.MOTIF_GROWTH,
+            "motif_weight",
+            motif_weight,
+            f"must be 0 for {type(self).__name__} (its growth is not scored per layer by grow_scores)",
+        )
         check(
             update_every == "epoch"
             or (isinstance(update_every, int) and not isinstance(update_every, bool) and update_every >= 1),
@@ -249,6 +274,10 @@ class DynamicSparse(MaskedMethod):
         self.regrow_dropped = regrow_dropped
         self.ablation_threshold = float(ablation_threshold)
         self.ablation_reference = ablation_reference
+        self.motif_weight, self.grow_motif = float(motif_weight), grow_motif
+        self._grow_chain: list[
+            tuple[str, Tensor]
+        ] = []  # the MLP's Linear weights in order (motif-aware growth)
         self.ever_active: dict[str, Tensor] = {}  # name -> bool, every connection active at some point
         self._every = 1  # update interval in steps (resolved from "epoch" in prepare)
         self._end_step = 0  # T_end in steps: no update at or after it
@@ -270,6 +299,26 @@ class DynamicSparse(MaskedMethod):
         the scores of the others are ignored.
         """
         raise NotImplementedError
+
+    def growth_scores(self, name: str, weight: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`grow_scores`, plus ``motif_weight`` times the normalised motif completion count when it is > 0.
+
+        The completion counts read the current masks of the MLP's chain (a layer kept dense as all-True; the
+        layers rewired earlier in the same update with their new masks).
+        """
+        scores = self.grow_scores(name, weight, mask)
+        if self.motif_weight == 0:
+            return scores
+        chain = [
+            self.masks[n] if n in self.masks else torch.ones_like(w, dtype=torch.bool)
+            for n, w in self._grow_chain
+        ]
+        index = [n for n, _ in self._grow_chain].index(name)
+        motifs = completion_scores(chain, index, self.grow_motif)
+        candidate = ~mask
+        top = scores.masked_fill(~candidate, 0).amax().clamp_min(torch.finfo(scores.dtype).tiny)
+        most = motifs.masked_fill(~candidate, 0).amax().clamp_min(1.0)
+        return scores / top + self.motif_weight * (motifs / most).to(scores.dtype)
 
     def observe_gradients(self) -> None:
         """Read what growth needs from the dense ``.grad`` of the sparse weights (update steps only)."""
@@ -294,6 +343,8 @@ class DynamicSparse(MaskedMethod):
         self._end_step = round(self.end * plan.total_steps)
         layers = [name for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
         self._output_layer = f"{layers[-1]}.weight" if layers and layers[-1] else "weight"
+        if self.motif_weight > 0:
+            self._grow_chain = linear_chain(model, "method.motif_weight", self.motif_weight)
         model = super().prepare(model, plan)
         if self.pattern != "unstructured":
             per_group = self.group_counts(self.density)
@@ -370,7 +421,7 @@ class DynamicSparse(MaskedMethod):
             ``(dropped, grown)``: the bool masks of the selected connections (``k`` each).
         """
         w, mask = self._weights[name], self.masks[name]
-        scores = self.grow_scores(name, w, mask)
+        scores = self.growth_scores(name, w, mask)
         dropped, grown = drop_and_grow(w, mask, self._counts[name], k, scores, self.regrow_dropped)
         self._commit_rewire(name, dropped, grown, self._counts[name] - k, optimizers)
         return dropped, grown
@@ -391,7 +442,7 @@ class DynamicSparse(MaskedMethod):
         w, mask = self._weights[name], self.masks[name]
         w2, m2 = self.groups(w), self.groups(mask)  # (G, S)
         size, count, live = w2.shape[1], self._per_group[name], self._live[name]
-        scores = self.groups(self.grow_scores(name, w, mask))
+        scores = self.groups(self.growth_scores(name, w, mask))
         ablated: list[int] = []
         if self.ablation_threshold > 0 and name != self._output_layer:
             salient = salient_counts(
@@ -719,6 +770,7 @@ class SNFS(DynamicSparse):
     """
 
     STRUCTURED: ClassVar[bool] = False
+    MOTIF_GROWTH: ClassVar[bool] = False
 
     DEFAULTS: ClassVar[Mapping[str, Any]] = MappingProxyType(
         {

@@ -24,15 +24,23 @@ to the same count at each pruning step, by magnitude within the group: ``round(d
 ``m`` for ``n_m`` (so exactly ``n`` at ``end``, ``d(t)`` being the cubic schedule from 1 to ``n / m``),
 and ``round(d_l(t) * row length)`` per row for ``fan_in``; between ``begin`` and ``end`` the pattern is
 a coarser ``c:m`` (every group with the same count ``c``), and from ``end`` it is the target.
+
+Motif-seeded initial masks (``init="motif_seeded"``, read by static, SET and RigL): the random mask with its
+exact per-layer counts is rewired by degree-preserving swaps until the chosen motif's count sits at
+``target_z`` null standard deviations from the mean of its degree-preserving null (``seed_motif``:
+:mod:`structlearn.sparse.motif_masks`). Counts and every node's degrees stay those of the random mask, so the
+mask differs from the default one only in which connections form motifs. MLPs only (a chain of Linear layers).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -51,6 +59,7 @@ from structlearn.sparse.masks import (
     prunable_weights,
     random_mask,
 )
+from structlearn.sparse.motif_masks import SEED_MOTIFS, null_stats, seed_chain
 from structlearn.utils import (
     check,
     check_bool,
@@ -61,6 +70,44 @@ from structlearn.utils import (
     is_int,
     is_number,
 )
+
+INITS = ("random", "motif_seeded")
+SEED_DEFAULTS = {"motif": "bifan", "target_z": 3.0, "steps": 20000, "randomizations": 20}
+"""``seed_motif``'s keys and their defaults (a key left out takes its default)."""
+
+
+def check_seed_motif(seed_motif: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``seed_motif`` with its defaults filled in, every value checked (the error names ``seed_motif.<key>``)."""
+    given = dict(seed_motif or {})
+    unknown = sorted(set(given) - set(SEED_DEFAULTS))
+    check(not unknown, "seed_motif", given, f"takes only the keys {sorted(SEED_DEFAULTS)}, not {unknown}")
+    out = {**SEED_DEFAULTS, **given}
+    check_choice(out["motif"], "seed_motif.motif", SEED_MOTIFS)
+    check_number(out["target_z"], "seed_motif.target_z")
+    check_int(out["steps"], "seed_motif.steps", 1)
+    check_int(out["randomizations"], "seed_motif.randomizations", 2)
+    return out
+
+
+def linear_chain(model: nn.Module, option: str, value: Any) -> list[tuple[str, nn.Parameter]]:
+    """The weights of a model's Linear layers in order, each reading the previous one's outputs (an MLP).
+
+    Raises a ``ValueError`` naming ``option=value`` when the model has a Conv2d layer or its Linear layers do
+    not chain.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    chained = bool(layers) and all(isinstance(m, nn.Linear) for _, m in layers)
+    chained = chained and all(
+        a.out_features == b.in_features for (_, a), (_, b) in itertools.pairwise(layers)
+    )
+    check(
+        chained,
+        option,
+        value,
+        "needs an MLP: the model's Linear layers must chain (each reading the previous one's outputs), "
+        "without Conv2d layers",
+    )
+    return [(f"{n}.weight" if n else "weight", m.weight) for n, m in layers]
 
 
 class MaskedMethod(Method):
@@ -81,6 +128,10 @@ class MaskedMethod(Method):
             1.0 is ERK, 0.0 uniform; read by ``distribution="erk"`` only.
         pattern: ``unstructured``, ``n_m`` or ``fan_in`` (see the module's docstring).
         n, m: ``n`` of every ``m`` consecutive inputs active (``pattern="n_m"`` only), 1 <= n <= m.
+        init: ``random`` (the default) or ``motif_seeded`` (the module's docstring; unstructured only).
+        seed_motif: ``init="motif_seeded"``'s settings: ``motif`` (``bifan`` | ``diamond``), ``target_z``
+            (negative depletes), ``steps`` (the most swaps proposed), ``randomizations`` (null graphs
+            that estimate the null mean and std); keys left out take :data:`SEED_DEFAULTS`.
     """
 
     def __init__(
@@ -94,8 +145,18 @@ class MaskedMethod(Method):
         pattern: str = "unstructured",
         n: int | None = None,
         m: int | None = None,
+        init: str = "random",
+        seed_motif: Mapping[str, Any] | None = None,
     ) -> None:
         check_number(density, "density", 0.0, 1.0, low_open=True)
+        check_choice(init, "init", INITS)
+        self.seed_motif = check_seed_motif(seed_motif)
+        check(
+            init == "random" or pattern == "unstructured",
+            "init",
+            init,
+            f"must be 'random' with pattern {pattern!r} (motif seeding swaps connections across groups)",
+        )
         check_choice(distribution, "distribution", DISTRIBUTIONS)
         check_patterns(dense_layers, "dense_layers")
         check_bool(first_layer_dense, "first_layer_dense")
@@ -130,6 +191,8 @@ class MaskedMethod(Method):
         self.erk_power_scale = float(erk_power_scale)
         self.pattern = pattern
         self.n, self.m = n, m
+        self.init = init
+        self.seeding: dict[str, float] = {}  # what motif seeding did (init="motif_seeded")
         self.masks: dict[str, Tensor] = {}
         self._factors: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (mask, the mask in its weight's dtype)
         self._weights: dict[str, nn.Parameter] = {}
@@ -153,7 +216,11 @@ class MaskedMethod(Method):
                 f"must divide the {row} inputs per output of layer {name} (pattern n_m); "
                 "keep that layer dense (dense_layers, first_layer_dense) or choose another m",
             )
+        if self.init == "motif_seeded":
+            self._chain = linear_chain(model, "method.init", self.init)
         self.masks = self.initial_masks(self._weights)
+        if self.init == "motif_seeded":
+            self.masks = self.seeded_masks(self.masks)
         self.apply_masks()
         return model
 
@@ -166,7 +233,7 @@ class MaskedMethod(Method):
         total = sum(m.numel() for m in self.masks.values())
         metrics = {"density/sparse_layers": sum(active.values()) / total}
         metrics.update({f"density/{name}": active[name] / self.masks[name].numel() for name in self.masks})
-        return metrics
+        return {**metrics, **self.seeding}
 
     def count_parameters(self, model: nn.Module) -> ParamCount:
         return count_parameters(model.named_parameters(), masks=self.masks)
@@ -241,6 +308,31 @@ class MaskedMethod(Method):
             name: random_mask(w.shape, counts[name], self._generator, device=w.device)
             for name, w in weights.items()
         }
+
+    def seeded_masks(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``masks`` rewired toward ``seed_motif``'s target z by degree-preserving swaps (module docstring).
+
+        The MLP's chain is every Linear layer (one kept dense counts as an all-True mask that is never
+        rewired); the swaps' and the null's randomness come from one seed drawn from the method's generator.
+        What was reached is kept in :attr:`seeding` (``structure_metrics`` reports it as ``seed/...``).
+        """
+        settings = self.seed_motif
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=self._generator)))
+        chain = [masks[n] if n in masks else torch.ones_like(w, dtype=torch.bool) for n, w in self._chain]
+        mean, std = null_stats(chain, settings["motif"], settings["randomizations"], rng)
+        target = mean + settings["target_z"] * std
+        seeded, result = seed_chain(
+            chain, [n in masks for n, _ in self._chain], settings["motif"], target, settings["steps"], rng
+        )
+        z = (result.count - mean) / std if std > 0 else float("nan")
+        self.seeding = {
+            "seed/z_start": (result.start - mean) / std if std > 0 else float("nan"),
+            "seed/z": z,
+            "seed/target_z": float(settings["target_z"]),
+            "seed/swaps": float(result.accepted),
+            "seed/proposed": float(result.proposed),
+        }
+        return {n: s for (n, _), s in zip(self._chain, seeded, strict=True) if n in masks}
 
     def groups(self, t: Tensor) -> Tensor:
         """``t`` (shaped like a sparse weight) as ``(groups, group size)`` of the pattern (a view)."""
