@@ -99,7 +99,8 @@ def test_heads_place_each_tasks_labels_in_the_runs_head():
 
 def test_inputs_of_another_width_are_refused_unless_padded():
     with pytest.raises(
-        ConfigError, match=r"phases\.0\.dataset gives inputs of shape \(5,\).*pad_inputs=true"
+        ConfigError,
+        match=r"phases\.0\.dataset=\{'kind': 'blobs', 'n_features': 5\} is invalid: its inputs have shape \(5,\).*pad_inputs=true",
     ):
         _tasks("shared", second={"kind": "blobs", "n_features": 5})
     padded = _tasks("shared", pad=True, second={"kind": "blobs", "n_features": 5})
@@ -146,3 +147,48 @@ def test_a_run_of_tasks_evaluates_every_task_and_switches_data_where_a_task_begi
     assert len(out["initial"]) == 2 and "forward_transfer" in out and "forgetting" in out
     assert summary["best"]["epoch"] in (3, 4)  # chosen on the last task
     assert (tmp_path / "task_accuracy.png").is_file()
+
+
+def test_reset_redraws_the_weights_and_keeps_the_learned_mask_unless_told_to_redraw_it_too():
+    from structlearn.methods import Plan
+    from structlearn.methods.morphonet import MorphoNet
+    from structlearn.phases import Reset, TransitionContext
+
+    def fresh(seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return MLP((2,), 2, hidden=[8, 8])
+
+    method = MorphoNet()
+    model = method.prepare(fresh(0), Plan(epochs=1, steps_per_epoch=1, seed=0, device=CPU))
+    with torch.no_grad():
+        for layer in method.layers.values():
+            layer.logits.copy_(torch.randn_like(layer.logits))  # a "learned" mask
+    learned = {n: layer.logits.clone() for n, layer in method.layers.items()}
+    ctx = TransitionContext(model, method, seed=3, phase=1, fresh_model=fresh)
+    Reset(weights=True).apply(ctx)
+    drawn = fresh(3 + 32452843 + 1).state_dict()  # REINIT_SEED_OFFSET: Reinit's stream
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in drawn.items())
+    assert all(torch.equal(method.layers[n].logits, learned[n]) for n in learned)  # the structure stays
+    event = Reset(weights=False, structure=True).apply(ctx)
+    for name, layer in method.layers.items():
+        assert set(layer.logits.unique().tolist()) == {-2.0, 2.0} and not torch.equal(
+            layer.logits, learned[name]
+        )
+    assert 0.3 < event["reset/structure_density"] < 0.7  # init_density 0.5
+    with pytest.raises(ValueError, match="weights=true, structure=true or both"):
+        Reset(weights=False, structure=False)
+
+
+def test_task_options_are_checked_naming_the_key():
+    phases = [Phase("a", toy_schedule(1), dataset={}), Phase("b", toy_schedule(1), dataset={"kind": "blobs"})]
+    with pytest.raises(ConfigError, match=r"tasks\.heads='multi' is invalid: must be one of"):
+        build_tasks(phases, {}, {"heads": "multi"}, lambda a, b: {**a, **b}, lambda n, w: moons(160))
+    with pytest.raises(
+        ConfigError, match=r"tasks\.shared=True is invalid: the task options are heads, pad_inputs"
+    ):
+        build_tasks(phases, {}, {"shared": True}, lambda a, b: {**a, **b}, lambda n, w: moons(160))
+    plain = [Phase("a", toy_schedule(1))]
+    with pytest.raises(ConfigError, match="task options need phases that set a dataset"):
+        build_tasks(plain, {}, {"heads": "shared"}, lambda a, b: a, lambda n, w: moons(160))
+    assert build_tasks(plain, {}, None, lambda a, b: a, lambda n, w: moons(160)) is None  # an ordinary run

@@ -190,7 +190,7 @@ def build_tasks(
             )
         return None
     inner: list[InMemoryDataset] = []
-    names, entries, phase_task = [], [], []
+    names, entries, phase_task, overrides_of = [], [], [], []
     for index, phase in enumerate(phases):
         if phase.dataset is not None or index == 0:
             where = f"phases.{phase.entry}.dataset"
@@ -204,6 +204,7 @@ def build_tasks(
             inner.append(make(node, where if phase.dataset is not None else "dataset"))
             names.append(phase.name)
             entries.append(phase.entry)
+            overrides_of.append(dict(overrides))
         phase_task.append(len(inner) - 1)
     shapes = [d.input_shape for d in inner]
     features = None
@@ -217,8 +218,8 @@ def build_tasks(
                 else "image tasks must share one shape"
             )
             raise ConfigError(
-                f"phases.{entries[odd]}.dataset gives inputs of shape {shapes[odd]}, the first task {shapes[0]}: "
-                f"every task feeds the same network; {hint}"
+                f"phases.{entries[odd]}.dataset={overrides_of[odd]!r} is invalid: its inputs have shape "
+                f"{shapes[odd]}, the first task's {shapes[0]}; every task feeds the same network: {hint}"
             )
         features = max(s[0] for s in shapes)
     counts = [d.num_classes for d in inner]
