@@ -352,7 +352,8 @@ class WandbSink:
     end the summary also gets the run's results flattened with ``/`` keys: ``final/``, ``best/``,
     ``params/``, ``flops/``, ``structure/`` (the method's structure metrics, e.g. the URN's read-out)
     and ``structure_analysis/`` (motif counts and z-scores, balance, topology), e.g.
-    ``structure_analysis/z/ffl``; an undefined number (a null or NaN z-score) is left out.
+    ``structure_analysis/z/ffl``, and for a run of tasks ``tasks/`` (forgetting, transfer; the matrices
+    stay in ``summary.json``); an undefined number (a null or NaN z-score) is left out.
 
     Args:
         project: W&B project.
@@ -573,7 +574,16 @@ def _media_key(path: str | Path, run_dir: Path | None) -> str:
 
 
 # The parts of summary.json that go into the W&B summary, flattened with "/" keys.
-_SUMMARY_PARTS = ("final", "best", "params", "before_finalize", "flops", "structure", "structure_analysis")
+_SUMMARY_PARTS = (
+    "final",
+    "best",
+    "params",
+    "before_finalize",
+    "flops",
+    "structure",
+    "structure_analysis",
+    "tasks",
+)
 
 
 def _row_summary(key: str) -> str | None:

@@ -26,6 +26,7 @@ def draw_layered(
     title: str = "",
     threshold: float = 0.05,
     max_width: float = 3.0,
+    max_edges: int = 2000,
 ) -> Path:
     """One PNG of a layered network: neurons at ``positions`` (per layer, (n, 2) x and y), an edge per strong weight.
 
@@ -36,25 +37,28 @@ def draw_layered(
         title: the picture's title.
         threshold: edges drawn where |w| > threshold * max |w|, in [0, 1).
         max_width: line width of the largest weight.
+        max_edges: at most this many edges, the largest |w| (a wide layer's thousands would only blur).
     """
     from matplotlib.collections import LineCollection
 
     fig = figure(figsize=(4.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     largest = max((float(w.abs().max()) for w in weights if w.numel()), default=0.0)
-    segments, colours, widths = [], [], []
+    segments, values = [], []
     if largest > 0:
         for w, before, after in zip(weights, positions[:-1], positions[1:], strict=True):
             w = w.detach().float().cpu()
             i, j = (w.abs() > threshold * largest).nonzero(as_tuple=True)
-            values = w[i, j]
-            start, end = before.float()[j], after.float()[i]  # (E, 2) each
-            segments.append(torch.stack([start, end], dim=1))
-            colours += [POSITIVE if v > 0 else NEGATIVE for v in values.tolist()]
-            widths.append(max_width * values.abs() / largest)
-    if segments:
-        lines = torch.cat(segments).numpy()
-        ax.add_collection(LineCollection(lines, colors=colours, linewidths=torch.cat(widths).numpy()))
+            segments.append(torch.stack([before.float()[j], after.float()[i]], dim=1))  # (E, 2, 2)
+            values.append(w[i, j])
+    if segments and sum(len(v) for v in values):
+        lines, value = torch.cat(segments), torch.cat(values)
+        if len(value) > max_edges:
+            keep = torch.topk(value.abs(), max_edges).indices
+            lines, value = lines[keep], value[keep]
+        colours = torch.where((value > 0).view(-1, 1), torch.tensor(POSITIVE), torch.tensor(NEGATIVE))
+        widths = max_width * value.abs() / largest
+        ax.add_collection(LineCollection(lines.numpy(), colors=colours.numpy(), linewidths=widths.numpy()))
     for layer in positions:
         ax.scatter(layer[:, 0].numpy(), layer[:, 1].numpy(), s=8, c="0.2", zorder=3)
     ax.autoscale()

@@ -62,7 +62,7 @@ class Wiring(Prunable):
         layer_distance: float = 1.0,
         swap_every: int = 200,
         swap_until: float = 1.0,
-        snapshot_every: int = 1,
+        snapshot_every: int = 10,
         draw_threshold: float = 0.05,
         gif_ms: int = 400,
         dense_layers: Sequence[str] = (),
