@@ -415,7 +415,9 @@ METHOD = [
     case("method=bimt method.swap_every=-1", "must be an integer >= 0"),
     case("method=bimt method.draw_threshold=1", "must be in [0, 1)"),
     case("method=urn method.relocate_every=10", "needs c_syn > 0 (a grid) and synaptic_pairs='all'"),
-    case("dataset=digits dataset.classes=[3]", "must be null or a list of at least two distinct digits in 0..9"),
+    case(
+        "dataset=digits dataset.classes=[3]", "must be null or a list of at least two distinct digits in 0..9"
+    ),
     # task sequences (a phase's dataset, the task options)
     case("method=imp +phases.1.dataset=3", "must be a mapping of keys that override the run's dataset"),
     case(
