@@ -38,6 +38,7 @@ EXTRA: dict[str, list[str]] = {
     "urn": ["dataset=spheres", "dataset.n_samples=200", "model.size=40"],
     "rigl": ["method.update_every=3", "analysis.every_epochs=1"],
     "gmp": ["method.update_every=2"],
+    "bimt": ["method.swap_every=5"],
     "rigl_nm": ["method.update_every=3"],
     "srigl": ["method.update_every=3", "method.ablation_threshold=0.9"],  # k = 3 here: 0.3 would ablate none
 }

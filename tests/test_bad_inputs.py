@@ -410,6 +410,30 @@ METHOD = [
         "must be a structlearn.phases transition",
         prefix="phases.2.transitions.0=ReLU is invalid: ",
     ),
+    # bimt: wiring cost and relocation
+    case("method=bimt method.strength=-1", "must be a finite number >= 0"),
+    case("method=bimt method.swap_every=-1", "must be an integer >= 0"),
+    case("method=bimt method.draw_threshold=1", "must be in [0, 1)"),
+    case("method=urn method.relocate_every=10", "needs c_syn > 0 (a grid) and synaptic_pairs='all'"),
+    case(
+        "dataset=digits dataset.classes=[3]", "must be null or a list of at least two distinct digits in 0..9"
+    ),
+    # task sequences (a phase's dataset, the task options)
+    case("method=imp +phases.1.dataset=3", "must be a mapping of keys that override the run's dataset"),
+    case(
+        "experiment=nesa_features tasks.heads=multi",
+        "must be one of ('shared', 'class_incremental', 'task_incremental')",
+    ),
+    case("experiment=nesa_features tasks.pad_inputs=yes", "must be true or false"),
+    case(
+        "experiment=nesa_spheres tasks.pad_inputs=false",
+        "every task feeds the same network: set tasks.pad_inputs=true",
+        prefix="phases.1.dataset={'dim': 4} is invalid: ",
+    ),
+    case(
+        "experiment=nesa_transfer phases.1.transitions.0.weights=false",
+        "needs weights=true, structure=true or both",
+    ),
     case("method=oneshot phases.1.schedule.epochs=0", "must be an integer > 0"),
     case("method=oneshot phases.1.schedule.optimizer.lr=-1", "must be a finite number"),
     case(

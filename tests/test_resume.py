@@ -106,6 +106,13 @@ PHASED = {
         "imp_random": ["method=imp_random", "phases.1.repeat=1"],
         "oneshot": ["method=oneshot"],
         "dsd": ["method=dsd", "density=0.5"],
+        # a task sequence: the data, the head's slice of labels and the task columns switch with the phase
+        "tasks": [
+            "method=dense",
+            "phases=[{name: a}, {name: b, dataset: {_target_: structlearn.data.toy.blobs, n_samples: 200, "
+            "centers: 3, seed: 1}}]",
+            "+tasks.heads=class_incremental",
+        ],
     }.items()
 }
 SUMMARY_KEYS = (
@@ -119,6 +126,8 @@ SUMMARY_KEYS = (
     "structure_analysis",
     "phases",
     "flops",
+    "tasks",
+    "task_initial",
 )
 
 

@@ -26,8 +26,13 @@ The transitions, each a pure function of the network, the run's seed and the pha
 * :class:`RandomMasks`: every layer's mask re-drawn at random with its number of active entries
   (the random pruning control).
 * :class:`ReleaseMasks`: every mask all ones; pruned weights restart at zero (DSD's re-dense phase).
+* :class:`Reset`: the weights re-drawn from the model's initialisation, the method's structure
+  (masks, mask logits) re-drawn, or both: the controls of structure transfer between tasks.
 
-They act on methods with prunable masks (:class:`~structlearn.methods.masked.Prunable`): masks
+A phase with a ``dataset`` key trains a new task (:mod:`structlearn.tasks`): a run of several tasks
+in one directory, the structure and weights carried over, the accuracy on every task recorded.
+
+All but :class:`Reset` act on methods with prunable masks (:class:`~structlearn.methods.masked.Prunable`): masks
 that change only here, never during a phase.
 """
 
@@ -44,7 +49,7 @@ from torch import Tensor, nn
 from structlearn.methods.base import Method
 from structlearn.schedules import TrainSchedule
 from structlearn.sparse.masks import random_mask, topk_mask
-from structlearn.utils import ConfigError, build, check, check_choice, check_int, check_number
+from structlearn.utils import ConfigError, build, check, check_bool, check_choice, check_int, check_number
 
 __all__ = [
     "Phase",
@@ -52,6 +57,7 @@ __all__ = [
     "RandomMasks",
     "Reinit",
     "ReleaseMasks",
+    "Reset",
     "Rewind",
     "Transition",
     "TransitionContext",
@@ -67,7 +73,7 @@ REINIT_SEED_OFFSET = 32452843  # re-initialisation (+ seed_offset)
 
 SCOPES = ("layer", "global")
 CRITERIA = ("magnitude", "random")
-PHASE_KEYS = ("name", "repeat", "schedule", "transitions")
+PHASE_KEYS = ("name", "repeat", "schedule", "transitions", "dataset")
 
 
 @dataclass(frozen=True)
@@ -330,6 +336,59 @@ class ReleaseMasks(Transition):
         return "ReleaseMasks()"
 
 
+class Reset(Transition):
+    """The weights re-drawn from the model's own initialiser, the method's structure re-drawn, or both.
+
+    The controls of structure transfer (MorphoNet's open question, seed 000 §6.3): after training on
+    task A, ``Reset(weights=true)`` keeps the learned structure (masks, mask logits) and re-draws every
+    weight, so task B starts from A's structure alone; ``Reset(weights=true, structure=true)`` re-draws
+    both (a fresh network with a fresh mask, under the same schedule). Weights: every entry of the
+    model's state that a freshly built model also has is re-drawn with seed ``run seed + offset + phase
+    + seed_offset`` (entries the method added, such as MorphoNet's mask logits, are not weights and
+    stay); masked entries are zero again. Structure: the method's ``reset_structure(seed)`` re-draws its
+    initial masks or logits with that seed.
+
+    Args:
+        weights: re-draw the weights.
+        structure: re-draw the method's structure (needs a method with ``reset_structure``).
+        seed_offset: added to the seed, >= 0.
+    """
+
+    def __init__(self, weights: bool = True, structure: bool = False, seed_offset: int = 0) -> None:
+        check_bool(weights, "weights")
+        check_bool(structure, "structure")
+        check(weights or structure, "weights", weights, "Reset needs weights=true, structure=true or both")
+        check_int(seed_offset, "seed_offset", 0)
+        self.weights, self.structure, self.seed_offset = weights, structure, seed_offset
+
+    def problem(self, ctx: TransitionContext, start_step: int | None) -> str | None:
+        if self.weights and ctx.fresh_model is None:
+            return "needs a way to build the model anew (train(fresh_model=...)); none was given"
+        if self.structure and not callable(getattr(ctx.method, "reset_structure", None)):
+            return f"structure=true needs a method whose structure can be re-drawn, not {type(ctx.method).__name__}"
+        return None
+
+    @torch.no_grad()
+    def apply(self, ctx: TransitionContext) -> dict[str, float]:
+        seed = ctx.seed + REINIT_SEED_OFFSET + ctx.phase + self.seed_offset
+        event: dict[str, float] = {"reset/seed": float(seed)}
+        if self.structure:
+            event.update(ctx.method.reset_structure(seed))
+        if self.weights:
+            assert ctx.fresh_model is not None
+            fresh = ctx.fresh_model(seed).state_dict()
+            state = ctx.model.state_dict()
+            for key, value in fresh.items():
+                if key in state and state[key].shape == value.shape:
+                    state[key].copy_(value)
+            if callable(getattr(ctx.method, "apply_masks", None)):
+                ctx.method.apply_masks()
+        return event
+
+    def __repr__(self) -> str:
+        return f"Reset(weights={self.weights}, structure={self.structure}, seed_offset={self.seed_offset})"
+
+
 @dataclass(frozen=True)
 class Phase:
     """One phase of a run.
@@ -340,6 +399,8 @@ class Phase:
         transitions: applied in order before its first step.
         repeat, repeats: which repetition of its config entry it is (0-based), of how many.
         entry: the index of its config entry in ``phases:`` (for messages).
+        dataset: keys that override the run's ``dataset`` for the task this phase begins (its
+            ``dataset`` entry), or None: the phase trains on the task before it.
     """
 
     name: str
@@ -348,6 +409,7 @@ class Phase:
     repeat: int = 0
     repeats: int = 1
     entry: int = 0
+    dataset: Mapping[str, Any] | None = None
 
     @property
     def epochs(self) -> int:
@@ -366,6 +428,16 @@ def snapshot_steps(phases: Sequence[Phase]) -> frozenset[int]:
 def boundaries(phases: Sequence[Phase]) -> list[int]:
     """The epoch at which each phase begins, and the run's last epoch: ``[0, e1, e1 + e2, ...]``."""
     return [0, *itertools.accumulate(p.epochs for p in phases)]
+
+
+def phase_starts(phases: Sequence[Phase], steps_per_epoch: int | Sequence[int]) -> list[int]:
+    """The step at which each phase begins, and the run's last step.
+
+    ``steps_per_epoch``: one number for the run, or one per phase (a run of tasks whose training
+    sets differ in size).
+    """
+    steps = [steps_per_epoch] * len(phases) if isinstance(steps_per_epoch, int) else list(steps_per_epoch)
+    return [0, *itertools.accumulate(p.epochs * n for p, n in zip(phases, steps, strict=True))]
 
 
 def phase_of(epoch: int, phases: Sequence[Phase]) -> int:
@@ -427,13 +499,19 @@ def build_phases(entries: Any, schedule_node: Any, merge: Callable[[Any, Any], A
         nodes = entry.get("transitions") or []
         if isinstance(nodes, str | bytes) or not isinstance(nodes, Sequence):
             raise ConfigError(f"{where}.transitions={nodes!r} is invalid: must be a list of transitions")
+        dataset = entry.get("dataset")
+        if dataset is not None and (not isinstance(dataset, Mapping) or isinstance(dataset, str | bytes)):
+            raise ConfigError(
+                f"{where}.dataset={dataset!r} is invalid: must be a mapping of keys that override the run's "
+                "dataset (e.g. {dim: 4}, or {_target_: structlearn.data.toy.blobs, n_features: 2})"
+            )
         transitions = []
         for j, node in enumerate(nodes):
             built = build(node, f"{where}.transitions.{j}")
             if not isinstance(built, Transition):
                 raise ConfigError(
                     f"{where}.transitions.{j}={type(built).__name__} is invalid: must be a structlearn.phases "
-                    "transition (Prune, Rewind, Reinit, RandomMasks, ReleaseMasks)"
+                    "transition (Prune, Rewind, Reinit, RandomMasks, ReleaseMasks, Reset)"
                 )
             transitions.append(built)
         for r in range(repeat):
@@ -443,7 +521,9 @@ def build_phases(entries: Any, schedule_node: Any, merge: Callable[[Any, Any], A
                     f"{where}.name={name!r} is invalid: phase {label!r} exists already; every phase needs a name "
                     "of its own (the summary's phases list and the events name them)"
                 )
-            phases.append(Phase(label, schedule, tuple(transitions), r, repeat, i))
+            # a repeated entry with a dataset trains that task once: its later repetitions continue it
+            task = dict(dataset) if dataset is not None and r == 0 else None
+            phases.append(Phase(label, schedule, tuple(transitions), r, repeat, i, task))
     return phases
 
 
@@ -452,23 +532,23 @@ def check_phases(
     method: Method,
     model: nn.Module,
     seed: int,
-    steps_per_epoch: int | None,
+    steps_per_epoch: int | Sequence[int] | None,
     fresh_model: Callable[[int], nn.Module] | None,
 ) -> None:
     """Every transition can act where it stands; a config error names the first that cannot.
 
-    ``steps_per_epoch`` None (not known before the data is read): the steps a phase begins at are
-    not checked.
+    ``steps_per_epoch`` (one number, or one per phase) None (not known before the data is read): the
+    steps a phase begins at are not checked.
 
     ``phases.1.transitions.1=Rewind(step=500) is invalid: step=500 lies after the phase begins ...``
     """
-    starts = boundaries(phases)
+    starts = phase_starts(phases, steps_per_epoch) if steps_per_epoch is not None else None
     for index, phase in enumerate(phases):
         ctx = TransitionContext(
             model, method, seed, index, phase.repeat, phase.repeats, fresh_model=fresh_model
         )
         for j, transition in enumerate(phase.transitions):
-            start = starts[index] * steps_per_epoch if steps_per_epoch is not None else None
+            start = starts[index] if starts is not None else None
             problem = transition.problem(ctx, start)
             if problem is not None:
                 raise ConfigError(

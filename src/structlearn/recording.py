@@ -352,7 +352,8 @@ class WandbSink:
     end the summary also gets the run's results flattened with ``/`` keys: ``final/``, ``best/``,
     ``params/``, ``flops/``, ``structure/`` (the method's structure metrics, e.g. the URN's read-out)
     and ``structure_analysis/`` (motif counts and z-scores, balance, topology), e.g.
-    ``structure_analysis/z/ffl``; an undefined number (a null or NaN z-score) is left out.
+    ``structure_analysis/z/ffl``, and for a run of tasks ``tasks/`` (forgetting, transfer; the matrices
+    stay in ``summary.json``); an undefined number (a null or NaN z-score) is left out.
 
     Args:
         project: W&B project.
@@ -361,7 +362,7 @@ class WandbSink:
             ``offline``, so nothing waits on the network unless asked to.
         tags: tags for the run.
         group: group name; None groups the jobs of a sweep by the sweep directory's name.
-        log_images: upload the PNG files the method wrote as media at the end.
+        log_images: upload the PNG files the method wrote (and its GIF animations) as media at the end.
         init_timeout: seconds an online start may wait for the W&B server before the run is
             logged offline instead (W&B's ``init_timeout`` setting), > 0.
         job_type: the W&B run's job type (a non-empty string).
@@ -523,7 +524,12 @@ class WandbSink:
             if self.log_images:
                 images = [p for p in summary.get("artifacts", []) if str(p).endswith(".png")]
                 if images:
-                    run.log({Path(p).stem: wandb.Image(str(p)) for p in images})
+                    run.log({_media_key(p, self._run_dir): wandb.Image(str(p)) for p in images})
+                animations = [p for p in summary.get("artifacts", []) if str(p).endswith(".gif")]
+                if animations:  # the connectome over training (method=bimt)
+                    run.log(
+                        {_media_key(p, self._run_dir): wandb.Video(str(p), format="gif") for p in animations}
+                    )
             if self.log_artifacts and self._run_dir is not None:
                 self._log_artifacts(wandb, run, self._run_dir, summary)
 
@@ -558,8 +564,26 @@ class WandbSink:
             run.log_artifact(graph)
 
 
+def _media_key(path: str | Path, run_dir: Path | None) -> str:
+    """A picture's W&B key: its path in the run directory without the suffix (``urn_activity``,
+    ``connectome/epoch_0010``); its file name's stem when it lies elsewhere."""
+    path = Path(path)
+    if run_dir is not None and path.resolve().is_relative_to(run_dir.resolve()):
+        return str(path.resolve().relative_to(run_dir.resolve()).with_suffix(""))
+    return path.stem
+
+
 # The parts of summary.json that go into the W&B summary, flattened with "/" keys.
-_SUMMARY_PARTS = ("final", "best", "params", "before_finalize", "flops", "structure", "structure_analysis")
+_SUMMARY_PARTS = (
+    "final",
+    "best",
+    "params",
+    "before_finalize",
+    "flops",
+    "structure",
+    "structure_analysis",
+    "tasks",
+)
 
 
 def _row_summary(key: str) -> str | None:

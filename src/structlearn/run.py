@@ -33,7 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from structlearn.methods.base import Plan
-from structlearn.phases import boundaries, build_phases, check_phases
+from structlearn.phases import boundaries, build_phases, check_phases, phase_starts
 from structlearn.resume import (
     check_not_foreign,
     check_same_config,
@@ -52,6 +52,7 @@ from structlearn.runner import (
     new_run,
     train_run,
 )
+from structlearn.tasks import build_tasks
 from structlearn.utils import (
     ConfigError,
     JobKilled,
@@ -80,6 +81,9 @@ if not OmegaConf.has_resolver("unique_id"):
 # Phase configs scale the run's values: lr: ${mul:${schedule.optimizer.lr},0.1}
 if not OmegaConf.has_resolver("mul"):
     OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+# Task datasets drawn apart from the run's: seed: ${add:${seed},1000}
+if not OmegaConf.has_resolver("add"):
+    OmegaConf.register_new_resolver("add", lambda a, b: a + b)
 # paths.root: $STRUCTLEARN_ROOT, else the project's top (a .project-root file at or above the working
 # directory), else the working directory; outputs then go to one place wherever a command starts.
 if not OmegaConf.has_resolver("project_root"):
@@ -119,6 +123,7 @@ TOP_LEVEL = (
     "method",
     "schedule",
     "phases",
+    "tasks",
     "tags",
     "logger",
     "analysis",
@@ -339,10 +344,23 @@ def _build(cfg: DictConfig, shape: tuple[tuple[int, ...], int] | None = None) ->
     With ``shape`` (input shape, classes) the dataset is not built (``data`` is None) and the model is
     built for that shape: the pre-flight of datasets read from files.
     """
-    data = build(cfg.dataset, "dataset") if shape is None else None
-    if data is not None and cfg.get("limit"):
-        data.limit(cfg.limit.get("train"), cfg.limit.get("eval"))
-    input_shape, classes = shape if shape is not None else (data.input_shape, data.num_classes)
+    phases = build_phases(_resolved(cfg, "phases"), cfg.schedule, _merged)
+
+    def dataset(node: Any, where: str) -> Any:
+        built = build(node, where)
+        if cfg.get("limit"):
+            built.limit(cfg.limit.get("train"), cfg.limit.get("eval"))
+        return built
+
+    tasks = (
+        build_tasks(phases, cfg.dataset, _resolved(cfg, "tasks"), _merged, dataset) if shape is None else None
+    )
+    if tasks is not None:
+        data = tasks.datasets[0]
+        input_shape, classes = tasks.input_shape, tasks.num_classes
+    else:
+        data = dataset(cfg.dataset, "dataset") if shape is None else None
+        input_shape, classes = shape if shape is not None else (data.input_shape, data.num_classes)
 
     def fresh_model(seed: int) -> Any:
         """The model built anew, initialised from ``seed`` (the run's random streams, CUDA's too, untouched)."""
@@ -355,7 +373,8 @@ def _build(cfg: DictConfig, shape: tuple[tuple[int, ...], int] | None = None) ->
         "model": build(cfg.model, "model", input_shape=input_shape, num_classes=classes),
         "method": build(cfg.method, "method"),
         "schedule": build(cfg.schedule, "schedule"),
-        "phases": build_phases(_resolved(cfg, "phases"), cfg.schedule, _merged),
+        "phases": phases,
+        "tasks": tasks,
         "fresh_model": fresh_model,
         "sinks": [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()],
         "analysis": build(cfg.analysis, "analysis") if cfg.get("analysis") else None,
@@ -466,18 +485,21 @@ def validate(cfg: DictConfig) -> None:
     _scalars(cfg)
     objects = _build(cfg, _file_dataset_shape(cfg.dataset))
     data, schedule, phases = objects["data"], objects["schedule"], objects["phases"]
+    tasks = objects["tasks"]
     if data is not None:
         _check_objective_data(cfg, data)
     steps = data.steps_per_epoch(schedule.batch_size) if data is not None else None  # unknown: files
+    per_phase = tasks.steps_per_phase(schedule.batch_size) if tasks is not None else None
     sampler = batch_sampler(data, schedule, cfg.seed) if data is not None else None
     epochs = boundaries(phases)[-1] if phases else schedule.epochs
-    plan = Plan(epochs, steps or 1, cfg.seed, torch.device("cpu"), sampler)
+    run_steps = phase_starts(phases, per_phase)[-1] if per_phase is not None else None
+    plan = Plan(epochs, steps or 1, cfg.seed, torch.device("cpu"), sampler, run_steps)
     with method_settings():  # the same errors as the job would give
         model = objects["method"].prepare(objects["model"], plan)
         objects["method"].configure_optimizers(model, schedule, plan)
     if phases:
-        check_phases(phases, objects["method"], model, cfg.seed, steps, objects["fresh_model"])
-        check_phase_optimizers(phases, objects["method"], model, plan)
+        check_phases(phases, objects["method"], model, cfg.seed, per_phase or steps, objects["fresh_model"])
+        check_phase_optimizers(phases, objects["method"], model, plan, per_phase)
 
 
 def _file_dataset_shape(node: DictConfig) -> tuple[tuple[int, ...], int] | None:

@@ -122,6 +122,7 @@ class RunState:
         phases_begun: phases whose transitions have been applied (:mod:`structlearn.phases`).
         snapshots: the model's state after each step a transition rewinds to, by step.
         phase_results: of a run of several phases, each finished phase's last evaluation and density.
+        task_initial: of a run of several tasks, every task's accuracy at initialisation.
     """
 
     position: Position
@@ -137,6 +138,7 @@ class RunState:
     phases_begun: int = 0
     snapshots: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     phase_results: list[dict[str, Any]] = field(default_factory=list)
+    task_initial: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def fresh(cls, seed: int, device: torch.device) -> RunState:
@@ -174,6 +176,8 @@ class RunState:
             out["before_finalize"] = self.before_finalize
         if self.phase_results:
             out["phases"] = [dict(r) for r in self.phase_results]
+        if self.task_initial:
+            out["task_initial"] = dict(self.task_initial)
         return out
 
 
@@ -358,6 +362,7 @@ class Checkpoint:
             phases_begun=self.phases["begun"] if self.phases is not None else 1,
             snapshots=dict(self.phases["snapshots"]) if self.phases is not None else {},
             phase_results=[dict(r) for r in results.get("phases", [])],
+            task_initial=dict(results.get("task_initial", {})),
         )
 
     @property

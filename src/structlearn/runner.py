@@ -37,6 +37,7 @@ from structlearn.phases import (
     boundaries,
     check_phases,
     phase_of,
+    phase_starts,
     snapshot_steps,
 )
 from structlearn.preemption import PreemptionGuard
@@ -44,6 +45,7 @@ from structlearn.recording import Recorder, RunInfo, Sink
 from structlearn.run_dir import RunDir
 from structlearn.run_state import Checkpoint, Checkpointing, RunState, restore_network, restore_optimizers
 from structlearn.schedules import TrainSchedule
+from structlearn.tasks import TaskSequence, plot_accuracy_matrix, task_columns, tasks_summary
 from structlearn.utils import ConfigError, WriteError, check, is_int
 
 if TYPE_CHECKING:
@@ -94,9 +96,16 @@ def logits_of(output: Tensor | Mapping[str, Any]) -> Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], device: torch.device, precision: str
+    model: nn.Module,
+    batches: Iterator[tuple[Tensor, Tensor]],
+    device: torch.device,
+    precision: str,
+    logit_mask: Tensor | None = None,
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` (in eval mode) over ``batches``."""
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) over ``batches``.
+
+    ``logit_mask``: added to the logits (a task scored on its own classes, :mod:`structlearn.tasks`).
+    """
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=device)
@@ -105,6 +114,8 @@ def evaluate(
     for x, y in batches:
         with autocast(device, precision):
             logits = logits_of(model(x))
+        if logit_mask is not None:
+            logits = logits.float() + logit_mask
         loss += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(dim=1) == y).sum()
         seen += len(y)
@@ -161,8 +172,12 @@ def train_step(
     device: torch.device,
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
+    logit_mask: Tensor | None = None,
 ) -> StepResult:
     """One optimisation step in the protocol's order (see :mod:`structlearn.methods.base`).
+
+    ``logit_mask`` (a task scored on its own classes, :mod:`structlearn.tasks`) is added to the
+    logits before the loss; None leaves them as the model gave them.
 
     The body of the training loop, exposed so that benchmarks time exactly what the runner does.
     With a ``scaler`` (fp16) the loss is scaled before the backward pass and the gradients unscaled
@@ -174,6 +189,8 @@ def train_step(
     with autocast(device, precision):
         output = model(x)
         logits = logits_of(output)
+        if logit_mask is not None:
+            logits = logits.float() + logit_mask
         loss = F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), y)
         extras = method.extra_loss(model, output, step)
         total = loss + sum(extras.values()) if extras else loss
@@ -323,16 +340,27 @@ def batch_sampler(data: InMemoryDataset, schedule: TrainSchedule, seed: int) -> 
     return batches
 
 
-def check_phase_optimizers(phases: Sequence[Phase], method: Method, model: nn.Module, plan: Plan) -> None:
+def phase_plan(plan: Plan, phase: Phase, steps_per_epoch: int | None = None) -> Plan:
+    """The plan a phase's optimisers are built for: its epochs, of its own length."""
+    steps = plan.steps_per_epoch if steps_per_epoch is None else steps_per_epoch
+    return dataclasses.replace(plan, epochs=phase.epochs, steps_per_epoch=steps, run_steps=None)
+
+
+def check_phase_optimizers(
+    phases: Sequence[Phase],
+    method: Method,
+    model: nn.Module,
+    plan: Plan,
+    steps_per_phase: Sequence[int] | None = None,
+) -> None:
     """Every phase's schedule builds the method's optimisers (before training; errors name the phase)."""
     if len(phases) < 2:
         return  # the run's own schedule: its optimisers are built (and checked) as the run begins
-    for phase in phases:
+    for index, phase in enumerate(phases):
+        steps = steps_per_phase[index] if steps_per_phase is not None else None
         try:
             with method_settings():
-                method.configure_optimizers(
-                    model, phase.schedule, dataclasses.replace(plan, epochs=phase.epochs)
-                )
+                method.configure_optimizers(model, phase.schedule, phase_plan(plan, phase, steps))
         except ConfigError as exc:
             message = str(exc)
             named = re.sub(r"^(method: )?schedule\.", f"phases.{phase.entry}.schedule.", message)
@@ -378,6 +406,7 @@ class _Loop:
     scaler: torch.amp.GradScaler | None = None
     slots: list[OptimizerSlot] = field(default_factory=list)
     flops_error: str | None = None
+    tasks: TaskSequence | None = None  # a run of several tasks: ``data`` is the current phase's
 
     @classmethod
     def setup(
@@ -394,14 +423,16 @@ class _Loop:
         resume: Checkpoint | None,
         fresh_model: Callable[[int], nn.Module] | None = None,
         early_stopping: EarlyStopping | None = None,
+        tasks: TaskSequence | None = None,
     ) -> _Loop:
         """Data and model on the device, the method's structure (restored on resume); phases checked."""
         with method_settings():
             model = method.prepare(model.to(plan.device), plan)
         if resume is not None:  # the structure first (paths, masks): optimisers are built on it
             restore_network(model, method, resume)
-        check_phases(phases, method, model, plan.seed, plan.steps_per_epoch, fresh_model)
-        check_phase_optimizers(phases, method, model, plan)
+        steps = tasks.steps_per_phase(phases[0].schedule.batch_size) if tasks is not None else None
+        check_phases(phases, method, model, plan.seed, steps or plan.steps_per_epoch, fresh_model)
+        check_phase_optimizers(phases, method, model, plan, steps)
         _check_space(
             recorder.record.run_dir.path, model, checkpointing is not None, len(snapshot_steps(phases))
         )
@@ -420,6 +451,7 @@ class _Loop:
             fresh_model,
             early_stopping,
             grad_scaler(plan.device, precision),
+            tasks=tasks,
         )
 
     @property
@@ -436,6 +468,29 @@ class _Loop:
         """Whether the run has more than one phase (its rows then carry a ``phase`` column)."""
         return len(self.phases) > 1
 
+    @functools.cached_property
+    def steps_per_phase(self) -> list[int]:
+        """Optimiser steps in one epoch of each phase (they differ between tasks of different sizes)."""
+        if self.tasks is None:
+            return [self.plan.steps_per_epoch] * len(self.phases)
+        return self.tasks.steps_per_phase(self.batch_size)
+
+    @functools.cached_property
+    def phase_starts(self) -> list[int]:
+        """The step at which each phase begins, and the run's last step."""
+        return phase_starts(self.phases, self.steps_per_phase)
+
+    def examples_before(self, epoch: int) -> int:
+        """Training examples the run has seen after ``epoch`` epochs (for the FLOP meter)."""
+        if self.tasks is None:
+            return epoch * len(self.data.x_train)
+        seen, start = 0, 0
+        for index, phase in enumerate(self.phases):
+            epochs = max(0, min(epoch, start + phase.epochs) - start)
+            seen += epochs * len(self.tasks.data(index).x_train)
+            start += phase.epochs
+        return seen
+
     # -- phases ---------------------------------------------------------------------------------
 
     def enter(self, state: RunState, index: int, resume: Checkpoint | None) -> None:
@@ -445,6 +500,8 @@ class _Loop:
         checkpoint's optimiser state; a phase begun now gets new optimisers.
         """
         phase, pos = self.phases[index], state.position
+        if self.tasks is not None:  # the task this phase trains
+            self.data = self.tasks.data(index)
         begins = state.phases_begun <= index
         if begins:
             self.snapshot(state)  # a rewind to the step where a phase begins
@@ -463,8 +520,8 @@ class _Loop:
                 if event:
                     self.recorder.event({"phase": index, **event} if self.several else event, pos.step)
             state.phases_begun = index + 1
-        start = boundaries(self.phases)[index] * self.plan.steps_per_epoch
-        plan = dataclasses.replace(self.plan, epochs=phase.epochs)
+        start = self.phase_starts[index]
+        plan = phase_plan(self.plan, phase, self.steps_per_phase[index])
         with method_settings():
             self.slots = self.method.configure_optimizers(self.model, phase.schedule, plan)
         if start:
@@ -476,7 +533,7 @@ class _Loop:
             restore_optimizers(self.model, self.slots, resume.optimizers)
         elif index == 0:  # later phases: the method's own choice, checked as the run began
             _check_slots(self.model, self.slots)
-        if begins and phase.transitions and self.observe_flops(pos.step, pos.epoch * len(self.data.x_train)):
+        if begins and phase.transitions and self.observe_flops(pos.step, self.examples_before(pos.epoch)):
             state.flops = self.flops.state_dict()
 
     def run_phase(self, state: RunState, index: int, guard: PreemptionGuard) -> None:
@@ -579,6 +636,8 @@ class _Loop:
             )  # a directory reused from scratch keeps nothing of an earlier attempt
             state = RunState.fresh(self.plan.seed, self.device)
             self.observe_flops(0, 0)  # the structure training starts from
+            if self.tasks is not None:  # every task at initialisation: forward transfer's reference
+                state.task_initial = self.evaluate_tasks("the evaluation at initialisation")
             return state
         state = resume.restore_state(self.device)
         if state.flops:
@@ -607,6 +666,7 @@ class _Loop:
                     self.device,
                     self.precision,
                     self.scaler,
+                    self.data.logit_mask,
                 )
             except torch.OutOfMemoryError as exc:
                 raise self.out_of_memory_at(exc, state, epoch) from exc
@@ -658,7 +718,7 @@ class _Loop:
     @functools.cached_property
     def refresh(self) -> int:
         """Steps between progress reports."""
-        return max(1, min(50, self.plan.steps_per_epoch // 2))
+        return max(1, min(50, min(self.steps_per_phase) // 2))
 
     def check_live(self, state: RunState, epoch: int) -> dict[str, float]:
         """The epoch's training means so far; :class:`Diverged` if one is not finite."""
@@ -704,6 +764,10 @@ class _Loop:
             "time_s": state.elapsed,
             **self.method.structure_metrics(self.model),  # right after an evaluation pass: the contract
         }
+        if (
+            self.tasks is not None
+        ):  # every task, after the structure metrics (they read the current task's pass)
+            row.update(self.evaluate_tasks(f"evaluation after epoch {pos.epoch}"))
         analyse = phase_end and self.several
         self.recorder.row(row, pos.step, lambda: self.method.graph(self.model), analyse)
         last_phase = index == len(self.phases) - 1
@@ -713,8 +777,20 @@ class _Loop:
             name = self.phases[index].name
             state.phase_results.append({"phase": index, "name": name, **state.final, "density": density})
         # after structure_metrics, which must follow the evaluation passes directly
-        if self.observe_flops(pos.step, pos.epoch * len(self.data.x_train)):
+        if self.observe_flops(pos.step, self.examples_before(pos.epoch)):
             state.flops = self.flops.state_dict()
+
+    def evaluate_tasks(self, where: str) -> dict[str, float]:
+        """The validation (if any) and test accuracy of every task of the sequence, ``task/<name>/..._acc``."""
+        assert self.tasks is not None
+        out = {}
+        for name, data in zip(self.tasks.names, self.tasks.datasets, strict=True):
+            val, test = task_columns(name)
+            for split, column in (("val", val), ("test", test)):
+                if split == "val" and not data.has_val:
+                    continue
+                out[column] = self.evaluate(split, where, data)["acc"]
+        return out
 
     def evaluate_held_out(self, where: str) -> dict[str, float]:
         """``val_loss``/``val_acc`` (with a validation split) and ``test_loss``/``test_acc``, in that order."""
@@ -725,12 +801,18 @@ class _Loop:
             out[f"{split}_loss"], out[f"{split}_acc"] = metrics["loss"], metrics["acc"]
         return out
 
-    def evaluate(self, split: str, where: str) -> dict[str, float]:
+    def evaluate(self, split: str, where: str, data: InMemoryDataset | None = None) -> dict[str, float]:
+        """Loss and accuracy on ``split`` of the run's current data (or of ``data``: another task)."""
+        data = self.data if data is None else data
         batch_size = self.batch_size * 4
         self.method.before_evaluation(self.model, split)
         try:
             return evaluate(
-                self.model, self.data.eval_batches(batch_size, split=split), self.device, self.precision
+                self.model,
+                data.eval_batches(batch_size, split=split),
+                self.device,
+                self.precision,
+                data.logit_mask,
             )
         except torch.OutOfMemoryError as exc:
             raise self._out_of_memory(exc, batch_size, where) from exc
@@ -785,6 +867,11 @@ class _Loop:
                 str(p) for p in self.method.write_artifacts(self.model, self.recorder.record.run_dir.path)
             ],
         }
+        if self.tasks is not None:
+            out["tasks"] = tasks_summary(self.tasks, self.recorder.record.rows, state.task_initial)
+            if "accuracy" in out["tasks"]:
+                path = self.recorder.record.run_dir.path / "task_accuracy.png"
+                out["artifacts"].append(str(plot_accuracy_matrix(out["tasks"], path)))
         analysis = self.recorder.analysis
         if analysis is not None:
             try:
@@ -902,6 +989,7 @@ def new_run(
     fresh_model: Callable[[int], nn.Module] | None = None,
     early_stopping: EarlyStopping | None = None,
     compile: bool = False,
+    tasks: TaskSequence | None = None,
 ) -> Run:
     """A run to train ``model`` with ``method`` on ``data``, recorded in ``run_dir`` (:func:`train` trains it).
 
@@ -930,6 +1018,7 @@ def new_run(
         early_stopping: stop when a validation metric stops improving (in the last phase), or None.
         compile: ``torch.compile`` the model once the method has prepared it (its structure restored on
             resume); the same arithmetic in fused kernels, so numbers agree to float tolerance, not bitwise.
+        tasks: the tasks the phases train (:mod:`structlearn.tasks`; ``data`` is then the first), or None.
     """
     return Run(
         data,
@@ -954,6 +1043,7 @@ def new_run(
         fresh_model,
         early_stopping,
         compile=compile,
+        tasks=tasks,
     )
 
 
@@ -1023,6 +1113,7 @@ class Run:
     # (MorphoNet's weight initialisation), even when other runs were made in between (a stack's members)
     rng_state: Tensor = field(default_factory=torch.random.get_rng_state)
     compile: bool = False  # torch.compile the model the run starts with (after the method prepared it)
+    tasks: TaskSequence | None = None  # the tasks its phases train, or None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -1058,13 +1149,17 @@ class Run:
         """Data on the device, the loop set up, its state fresh or restored, the sinks started."""
         assert self.recorder is not None
         torch.random.set_rng_state(self.rng_state)
+        if self.tasks is not None:
+            self.tasks.to(self.device)
         data = self.data.to(self.device)
+        steps = self.tasks.steps_per_phase(self.schedule.batch_size) if self.tasks is not None else None
         plan = Plan(
             boundaries(self.phases)[-1],
             data.steps_per_epoch(self.schedule.batch_size),
             self.seed,
             self.device,
             batch_sampler(data, self.schedule, self.seed),
+            phase_starts(self.phases, steps)[-1] if steps is not None else None,
         )
         self.loop = _Loop.setup(
             data,
@@ -1079,6 +1174,7 @@ class Run:
             self.resume,
             self.fresh_model,
             self.early_stopping,
+            self.tasks,
         )
         self.state = self.loop.restore(self.resume)
         if self.compile:

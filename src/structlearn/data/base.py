@@ -28,7 +28,14 @@ class InMemoryDataset:
         x_train, y_train, x_test, y_test: the splits; labels are int64 class indices.
         num_classes: number of classes.
         x_val, y_val: the validation split, or None for none.
+
+    Attributes:
+        logit_mask: added to the network's logits (``(C,)``: 0 where a class may be predicted, -inf
+            elsewhere) for a dataset whose examples are scored on some classes only (a task of a
+            task-incremental sequence, :mod:`structlearn.tasks`); None: every class.
     """
+
+    logit_mask: Tensor | None = None
 
     def __init__(
         self,

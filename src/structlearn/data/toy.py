@@ -303,7 +303,11 @@ def spheres(
 
 
 def digits(
-    test_fraction: float = 0.2, val_fraction: float = VAL_FRACTION, seed: int = 0, standardize: bool = True
+    test_fraction: float = 0.2,
+    val_fraction: float = VAL_FRACTION,
+    seed: int = 0,
+    standardize: bool = True,
+    classes: list[int] | None = None,
 ) -> InMemoryDataset:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), shaped (1, 8, 8).
 
@@ -314,13 +318,27 @@ def digits(
         val_fraction: fraction of the training split held out for validation (model selection); 0: none.
         seed: seed of the split.
         standardize: standardise each pixel with training-split statistics.
+        classes: keep only these digits (their labels stay the digits themselves, so the dataset has
+            ``max(classes) + 1`` classes, some without examples), e.g. ``[0, 1]`` then ``[0, 1, 2, 3, 4]``
+            for a task sequence in stages; None: all ten.
     """
     _check_fractions(test_fraction, val_fraction, seed, standardize)
+    check(
+        classes is None
+        or (is_list(classes, lambda c: is_int(c) and 0 <= c <= 9) and len(set(classes)) == len(classes) >= 2),
+        "classes",
+        classes,
+        "must be null or a list of at least two distinct digits in 0..9",
+    )
     bunch = skd.load_digits()
+    x, y = bunch.data, bunch.target
+    if classes is not None:
+        keep = np.isin(y, list(classes))
+        x, y = x[keep], y[keep]
     return _split(
         "digits",
-        bunch.data / 16.0,
-        bunch.target,
+        x / 16.0,
+        y,
         test_fraction=test_fraction,
         val_fraction=val_fraction,
         seed=seed,

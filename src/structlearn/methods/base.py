@@ -60,6 +60,8 @@ class Plan:
             from their own generator (seeded by the run's seed), so calling it never changes the data
             order or the run's other random streams. None where no data is at hand (rebuilding a
             network from a checkpoint).
+        run_steps: the run's optimiser steps when its epochs differ in length (a sequence of tasks whose
+            training sets differ in size: ``steps_per_epoch`` is then the first phase's), else None.
     """
 
     epochs: int
@@ -69,10 +71,11 @@ class Plan:
     batches: Callable[[int], list[tuple[Tensor, Tensor]]] | None = field(
         default=None, compare=False, repr=False
     )
+    run_steps: int | None = None
 
     @property
     def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
+        return self.run_steps if self.run_steps is not None else self.epochs * self.steps_per_epoch
 
     def generator(self, offset: int = METHOD_SEED_OFFSET) -> torch.Generator:
         """A new CPU generator seeded with ``seed + offset``: a method's own random stream.

@@ -292,6 +292,17 @@ class MaskedMethod(Method):
         self.masks = {n: masks[n].to(dtype=torch.bool, device=self._weights[n].device) for n in self.masks}
         self.apply_masks()
 
+    def reset_structure(self, seed: int) -> dict[str, float]:
+        """The method's initial masks drawn again from a generator seeded with ``seed`` (:class:`structlearn.phases.Reset`);
+        the method's own generator is left where it was."""
+        own, self._generator = self._generator, torch.Generator().manual_seed(seed)
+        try:
+            self.set_masks(self.initial_masks(self._weights))
+        finally:
+            self._generator = own
+        total = sum(m.numel() for m in self.masks.values())
+        return {"reset/structure_density": sum(int(m.sum()) for m in self.masks.values()) / total}
+
     def initial_masks(self, weights: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
         """Random masks with exactly the allocated number of active weights per layer (per group with a
         structured pattern: every group's active inputs drawn uniformly from the method's generator)."""

@@ -384,6 +384,19 @@ class MorphoNet(Method):
         """
         return model_graph(model, {name: layer.hard_mask() for name, layer in self.layers.items()})
 
+    @torch.no_grad()
+    def reset_structure(self, seed: int) -> dict[str, float]:
+        """Re-draw every layer's logits as at the start (+-2 at ``init_density``) from a generator seeded
+        with ``seed`` (:class:`structlearn.phases.Reset`): a fresh mask on the network as it stands."""
+        generator = torch.Generator().manual_seed(seed)
+        on = total = 0
+        for name, layer in self.layers.items():
+            drawn = torch.rand(layer.weight.shape, generator=generator) < self.init_density
+            layer.logits.copy_(torch.where(drawn, LOGIT_MAGNITUDE, -LOGIT_MAGNITUDE).to(layer.logits))
+            self._prev_signs[name] = layer.hard_mask().clone()
+            on, total = on + int(drawn.sum()), total + drawn.numel()
+        return {"reset/structure_density": on / total}
+
     def write_artifacts(self, model: nn.Module, run_dir: Path) -> list[Path]:
         path = run_dir / "masks.pt"
         torch.save({f"{name}.weight": layer.hard_mask().cpu() for name, layer in self.layers.items()}, path)

@@ -41,7 +41,7 @@ Definitions of active neurons, layers and weight directions: :mod:`structlearn.a
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,8 @@ from structlearn.analysis import urn_readout as ro
 from structlearn.analysis.graph import HIDDEN, INPUT, OUTPUT, SignedGraph, recurrent_graph
 from structlearn.methods.base import Method, OptimizerSlot, Plan
 from structlearn.models.urn import URN as URNModel
-from structlearn.utils import check_bool, check_choice, check_int, check_number
+from structlearn.utils import check, check_bool, check_choice, check_int, check_number
+from structlearn.wiring import permute_, recurrent_cost, relocate_recurrent
 
 PAIRS = ("all", "upper")
 
@@ -74,6 +75,11 @@ class URN(Method):
         prune: zero every weight outside the emergent network at the end (the paper's check, done
             on the model so the runner reports the pruned network's accuracy).
         plots: write the PNG pictures with the read-out.
+        relocate_every: steps between relocations (:func:`structlearn.wiring.relocate_recurrent`), >= 0;
+            0: never. A relocation swaps hidden neurons within their grid plane wherever that lowers
+            the synaptic cost Σ|W_ij| d_ij^γ (input and output neurons stay), permuting the rows and
+            columns of W, the bias and Adam's moments: the network's function is unchanged. Needs
+            ``c_syn`` > 0 (a grid) and ``synaptic_pairs="all"``; rows then carry ``wiring/cost``.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class URN(Method):
         probe_size: int = 1000,
         prune: bool = True,
         plots: bool = True,
+        relocate_every: int = 0,
     ) -> None:
         for name, value in (("c_W", c_W), ("c_N", c_N), ("c_syn", c_syn)):
             check_number(value, name, 0.0)
@@ -96,9 +103,18 @@ class URN(Method):
         check_int(probe_size, "probe_size", 1)
         check_bool(prune, "prune")
         check_bool(plots, "plots")
+        check_int(relocate_every, "relocate_every", 0)
+        check(
+            relocate_every == 0 or (c_syn > 0 and synaptic_pairs == "all"),
+            "relocate_every",
+            relocate_every,
+            "needs c_syn > 0 (a grid) and synaptic_pairs='all': relocation lowers the synaptic cost",
+        )
         self.c_W, self.c_N, self.c_syn = float(c_W), float(c_N), float(c_syn)
         self.beta, self.gamma, self.synaptic_pairs = float(beta), float(gamma), synaptic_pairs
         self.probe_size, self.prune, self.plots = probe_size, prune, plots
+        self.relocate_every = relocate_every
+        self._swaps = 0
         self._lengths: Tensor | None = None  # (S, S) d_ij^γ, when c_syn > 0
         self._pattern: Tensor | None = None  # (I+1, S) bool, non-zero on some evaluation example
         self._abs_sum: Tensor | None = None  # (I+1, S) float32, summed |N| over evaluation examples
@@ -150,7 +166,31 @@ class URN(Method):
 
     def after_step(self, model: nn.Module, step: int, optimizers: list[OptimizerSlot]) -> dict[str, float]:
         self._stale = True  # the next evaluation pass reads the structure anew
-        return {}
+        if not self.relocate_every or (step + 1) % self.relocate_every:
+            return {}
+        swaps, gained = self.relocate(model, optimizers)
+        return {"relocate/swaps": float(swaps), "relocate/gain": gained}
+
+    def plane_groups(self, model: URNModel) -> list[Tensor]:
+        """The hidden neurons of each grid plane (inputs and outputs excluded): the neurons that may trade places."""
+        z = model.coordinates()[:, 2]
+        movable = torch.ones(model.size, dtype=torch.bool, device=z.device)
+        movable[: model.d_in] = False
+        movable[model.output_index] = False
+        groups = [(movable & (z == plane)).nonzero().squeeze(1) for plane in torch.unique(z)]
+        return [g for g in groups if len(g) > 1]
+
+    @torch.no_grad()
+    def relocate(self, model: URNModel, optimizers: Sequence[OptimizerSlot] = ()) -> tuple[int, float]:
+        """Swap hidden neurons within their planes where the synaptic cost falls; returns (swaps, decrease)."""
+        assert self._lengths is not None
+        perm, gained, swaps = relocate_recurrent(model.weight, self._lengths, self.plane_groups(model))
+        if swaps:
+            permute_(model.weight, 0, perm, optimizers)
+            permute_(model.weight, 1, perm, optimizers)
+            permute_(model.bias, 0, perm, optimizers)
+            self._swaps += swaps
+        return swaps, gained
 
     def structure_metrics(self, model: nn.Module) -> dict[str, float]:
         """The read-out of the last evaluation pass (or the frozen one after :meth:`finalize`)."""
@@ -158,7 +198,12 @@ class URN(Method):
             return dict(self._frozen)
         if self._seen == 0:
             return {}
-        return self._metrics(model, self._readout(model))
+        metrics = self._metrics(model, self._readout(model))
+        if self.relocate_every:
+            assert self._lengths is not None
+            metrics["wiring/cost"] = recurrent_cost(model.weight, self._lengths)
+            metrics["relocate/swaps_total"] = float(self._swaps)
+        return metrics
 
     @torch.no_grad()
     def finalize(self, model: nn.Module) -> bool:
@@ -249,6 +294,7 @@ class URN(Method):
             "probe": list(self._probe),
             "stale": self._stale,
             "frozen": self._frozen,
+            **({"swaps": self._swaps} if self.relocate_every else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -259,6 +305,7 @@ class URN(Method):
         self._probe = [p.to(device) for p in state["probe"]]
         self._stale = bool(state["stale"])
         self._frozen = dict(state["frozen"]) if state["frozen"] is not None else None
+        self._swaps = int(state.get("swaps", 0))
 
     # -- read-out ------------------------------------------------------------------------------------
 
