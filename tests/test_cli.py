@@ -92,7 +92,7 @@ def test_unknown_device_and_unknown_group_option(tmp_path):
         # Hydra's own errors, one line each with exit 2 like every other bad input
         (
             ["method=nonexistent"],
-            "could not find 'method/nonexistent'; the options of 'method' are dense, dsd, gmp,",
+            "could not find 'method/nonexistent'; the options of 'method' are bimt, dense, dsd, gmp,",
         ),
         (["foo.bar=1"], "Could not override 'foo.bar'; To append to your config use +foo.bar=1"),
         (["+foo=1", *FAST], "foo=1 is invalid: 'foo' is not a structlearn setting"),
