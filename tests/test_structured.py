@@ -297,6 +297,36 @@ def test_a_checkpoint_round_trip_after_an_ablation_continues_exactly():
         assert torch.equal(p, q), n
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RigL(density=0.3, pattern="fan_in", ablation_threshold=0.9, update_every=4, end=0.7),
+        lambda: SNFS(density=0.3, update_every=4),
+    ],
+)
+def test_new_masks_from_a_phase_are_the_budget_the_next_updates_keep(make):
+    """A Reset (or any transition that sets the masks) makes the masks' counts, live neurons and fan-in the
+    method's state: the next updates keep them (the state read at start would otherwise break them)."""
+    data = make_data("mlp")
+    batches = [(data.x_train[i : i + 16], data.y_train[i : i + 16]) for i in range(0, 128, 16)]
+    model = make_model("mlp", data)
+    method = make()
+    method.prepare(model, Plan(epochs=5, steps_per_epoch=6, seed=0, device=CPU))
+    slots = [OptimizerSlot(OPTIMIZERS["adam"](model.parameters()), lambda s: 1.0)]
+    manual_steps(model, method, slots, batches, range(10))
+    method.reset_structure(123)
+    counts = {n: int(m.sum()) for n, m in method.masks.items()}
+    assert method._counts == counts
+    manual_steps(model, method, slots, batches, range(10, 20))  # two more updates
+    for name, mask in method.masks.items():
+        if method.pattern == "fan_in":
+            rows = mask.sum(dim=1)
+            live = rows[rows > 0]
+            assert (live == live[0]).all() and int(mask.sum()) > counts[name] - len(live), name
+        else:
+            assert sum(int(m.sum()) for m in method.masks.values()) == sum(counts.values())
+
+
 # -- kernels on hand-made tensors ----------------------------------------------------------------
 
 

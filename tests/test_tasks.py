@@ -192,3 +192,20 @@ def test_task_options_are_checked_naming_the_key():
     with pytest.raises(ConfigError, match="task options need phases that set a dataset"):
         build_tasks(plain, {}, {"heads": "shared"}, lambda a, b: a, lambda n, w: moons(160))
     assert build_tasks(plain, {}, None, lambda a, b: a, lambda n, w: moons(160)) is None  # an ordinary run
+    from structlearn.data.toy import digits
+
+    subsets = [
+        Phase("low", toy_schedule(1), dataset={"classes": [0, 1]}),
+        Phase("high", toy_schedule(1), dataset={"classes": [2, 3]}),
+    ]
+    with pytest.raises(ConfigError, match=r"only 2 of them have examples"):
+        build_tasks(
+            subsets,
+            {},
+            {"heads": "class_incremental"},
+            lambda a, b: {**a, **b},
+            lambda n, w: digits(classes=n["classes"]),
+        )
+    assert build_tasks(
+        subsets, {}, {"heads": "shared"}, lambda a, b: {**a, **b}, lambda n, w: digits(classes=n["classes"])
+    )

@@ -250,3 +250,12 @@ def test_new_options_come_from_the_config_and_are_checked(make_cfg):
     for bad in ("yes", 1, None):
         with pytest.raises(ValueError, match=rf"^log_artifacts={bad!r} is invalid: must be true or false$"):
             WandbSink(mode="disabled", log_artifacts=bad)
+
+
+def test_no_test_metric_is_summarised_by_its_best_epoch():
+    """A best-over-epochs test accuracy would be selection on test data, a task's included."""
+    from structlearn.recording import _row_summary
+
+    assert _row_summary("val_acc") == "max" and _row_summary("task/d2/val_acc") == "max"
+    assert _row_summary("train_loss") == "min"
+    assert all(_row_summary(k) is None for k in ("test_acc", "task/d2/test_acc", "task/d2/test_loss"))

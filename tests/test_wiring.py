@@ -145,3 +145,16 @@ def test_urn_relocation_within_grid_planes_keeps_the_function():
     assert not set(groups.tolist()) & set(range(4)) and not set(groups.tolist()) & set(
         model.output_index.tolist()
     )
+
+
+def test_a_rewind_is_refused_while_the_method_relocates_neurons():
+    """Weights saved at the rewind step are in the neurons' old order: restoring them under relocated masks
+    would scramble the network, so the phase plan is refused (and accepted without relocation)."""
+    from structlearn.phases import Rewind, TransitionContext
+
+    for swap_every, refused in ((5, True), (0, False)):
+        model = MLP((2,), 2, hidden=[4])
+        method = Wiring(strength=0.1, swap_every=swap_every)
+        model = method.prepare(model, _plan())
+        problem = Rewind(step=0).problem(TransitionContext(model, method, seed=0, phase=1), 10)
+        assert (problem is not None and "relocates neurons" in problem) is refused

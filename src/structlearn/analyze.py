@@ -140,7 +140,7 @@ def lesion_checkpoint(path: Path, settings: dict[str, Any], out: Path | None = N
         for split in splits:
             method.before_evaluation(model, split)
             out[f"{split}_acc"] = evaluate(
-                model, data.eval_batches(size, split=split), torch.device("cpu"), "fp32"
+                model, data.eval_batches(size, split=split), torch.device("cpu"), "fp32", data.logit_mask
             )["acc"]
         return out
 

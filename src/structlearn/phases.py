@@ -254,6 +254,11 @@ class Rewind(Transition):
     def problem(self, ctx: TransitionContext, start_step: int | None) -> str | None:
         if start_step is not None and self.step > start_step:
             return f"step={self.step} lies after the phase begins (step {start_step}): must be at most {start_step}"
+        if getattr(ctx.method, "swap_every", 0) or getattr(ctx.method, "relocate_every", 0):
+            return (
+                "the method relocates neurons (method.swap_every / relocate_every > 0): the weights saved at the "
+                "rewind step are in the neurons' old order, so a rewind would scramble them; set it to 0"
+            )
         return super().problem(ctx, start_step)
 
     @torch.no_grad()
@@ -346,7 +351,8 @@ class Reset(Transition):
     model's state that a freshly built model also has is re-drawn with seed ``run seed + offset + phase
     + seed_offset`` (entries the method added, such as MorphoNet's mask logits, are not weights and
     stay); masked entries are zero again. Structure: the method's ``reset_structure(seed)`` re-draws its
-    initial masks or logits with that seed.
+    initial masks or logits with that seed. The weights come from the model's initialiser, not from a
+    method's own (MorphoNet's ``weight_init: he_normal``): such a network starts again at another scale.
 
     Args:
         weights: re-draw the weights.

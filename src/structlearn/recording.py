@@ -590,9 +590,10 @@ def _row_summary(key: str) -> str | None:
     """What the W&B summary keeps of a row metric: the best accuracy, the lowest loss, else the last value.
 
     Test metrics keep their last value: a best-over-epochs test accuracy is selection on test data (the
-    run's selected test accuracy is ``best/test_acc``, chosen on validation data).
+    run's selected test accuracy is ``best/test_acc``, chosen on validation data), a task's among them
+    (``task/<name>/test_acc``).
     """
-    if key.startswith("test_"):
+    if key.rsplit("/", 1)[-1].startswith("test_"):
         return None
     if key.endswith("_acc"):
         return "max"

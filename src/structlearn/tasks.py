@@ -226,6 +226,14 @@ def build_tasks(
     if heads == "shared":
         offsets, total = [0] * len(inner), max(counts)
     else:
+        for k, d in enumerate(inner):  # a head of its own per task: no class of it may be empty
+            present = int(torch.unique(d.y_train).numel())
+            if present != counts[k]:
+                raise ConfigError(
+                    f"phases.{entries[k]}.dataset={overrides_of[k]!r} is invalid: tasks.heads={heads} gives "
+                    f"each task its classes 0..{counts[k] - 1}, but only {present} of them have examples "
+                    "(a subset of digits keeps the digits as labels): use heads=shared for such tasks"
+                )
         offsets = [sum(counts[:k]) for k in range(len(inner))]
         total = sum(counts)
     datasets = [

@@ -56,7 +56,9 @@ read it:
 
 Departure from the reference code: it re-decides the ablated set at every update (a neuron can come
 back); here an ablated neuron stays off, so an ablated neuron is exactly a row without active weights
-and the masks alone carry the state (a checkpoint needs nothing more).
+and the masks alone carry the state (a checkpoint needs nothing more). An ablated neuron's bias is not
+masked: it goes on training, and the neuron sends the next layer the constant relu(bias) (a bias-only
+unit; what the reference code does with it was not checked).
 """
 
 from __future__ import annotations
@@ -407,6 +409,13 @@ class DynamicSparse(MaskedMethod):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self._sync_from_masks(state["ever_active"])
+
+    def set_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """New masks (a phase's transition: ``Reset``, ``Prune``, ...): the per-layer budgets, live neurons and
+        per-group counts are read from them again; connections active before stay in ``ever_active``."""
+        before = self.ever_active
+        super().set_masks(masks)
+        self._sync_from_masks({n: before[n] | m for n, m in self.masks.items()} if before else None)
 
     # -- the update -------------------------------------------------------------------------------
 

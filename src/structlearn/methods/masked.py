@@ -293,11 +293,12 @@ class MaskedMethod(Method):
         self.apply_masks()
 
     def reset_structure(self, seed: int) -> dict[str, float]:
-        """The method's initial masks drawn again from a generator seeded with ``seed`` (:class:`structlearn.phases.Reset`);
-        the method's own generator is left where it was."""
+        """The method's initial masks drawn again from a generator seeded with ``seed`` (:class:`structlearn.phases.Reset`),
+        motif-seeded again with ``init="motif_seeded"``; the method's own generator is left where it was."""
         own, self._generator = self._generator, torch.Generator().manual_seed(seed)
         try:
-            self.set_masks(self.initial_masks(self._weights))
+            masks = self.initial_masks(self._weights)
+            self.set_masks(self.seeded_masks(masks) if self.init == "motif_seeded" else masks)
         finally:
             self._generator = own
         total = sum(m.numel() for m in self.masks.values())
