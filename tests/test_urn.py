@@ -336,3 +336,33 @@ def test_experiment_configs_compose_with_the_paper_sizes(make_cfg):
     digits_cfg = make_cfg("experiment=urn_digits")
     model = build(digits_cfg.model, "model", input_shape=(1, 8, 8), num_classes=10)
     assert model.grid[:2] == (8, 8)
+
+
+def test_the_connectome_over_time_is_drawn_and_its_last_frame_is_the_final_network(make_cfg, tmp_path):
+    """connectome_every=1 on a grid: a frame per epoch after the first (read-outs exist from epoch 1 on), the
+    final picture last, an animated GIF of them all; the kept connectomes survive a checkpoint round trip."""
+    from PIL import Image
+
+    cfg = make_cfg(
+        "method=urn",
+        "model.size=null",
+        "model.grid=[2,1,3]",
+        "method.connectome_every=1",
+        "schedule.epochs=3",
+        "dataset.n_samples=200",
+        "logger=none",
+        "analysis=none",
+        "threads=1",
+    )
+    assert execute(cfg, tmp_path)["status"] == "completed"
+    frames = sorted(p.name for p in (tmp_path / "urn_connectome").iterdir())
+    assert frames == ["epoch_0001.png", "epoch_0002.png"]
+    with Image.open(tmp_path / "urn_connectome.gif") as gif:
+        assert gif.n_frames == 3
+    method = URN(connectome_every=1)
+    method._connectomes = [
+        (1, torch.zeros(3, 6, dtype=torch.bool), (torch.tensor([4]), torch.tensor([0]), torch.tensor([0.5])))
+    ]
+    again = URN(connectome_every=1)
+    again.load_state_dict({**method.state_dict(), "pattern": torch.zeros(3, 6), "abs_sum": torch.zeros(3, 6)})
+    assert again._connectomes[0][0] == 1 and torch.equal(again._connectomes[0][2][2], torch.tensor([0.5]))

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from structlearn.analysis import urn_readout as ro
+from structlearn.analysis.connectome import write_gif
 from structlearn.analysis.graph import HIDDEN, INPUT, OUTPUT, SignedGraph, recurrent_graph
 from structlearn.methods.base import Method, OptimizerSlot, Plan
 from structlearn.models.urn import URN as URNModel
@@ -59,6 +60,7 @@ from structlearn.utils import check, check_bool, check_choice, check_int, check_
 from structlearn.wiring import permute_, recurrent_cost, relocate_recurrent
 
 PAIRS = ("all", "upper")
+CONNECTOME_EDGES = 800  # the strongest signal-carrying weights a connectome picture draws (plot_connectome's)
 
 
 class URN(Method):
@@ -80,6 +82,10 @@ class URN(Method):
             the synaptic cost Σ|W_ij| d_ij^γ (input and output neurons stay), permuting the rows and
             columns of W, the bias and Adam's moments: the network's function is unchanged. Needs
             ``c_syn`` > 0 (a grid) and ``synaptic_pairs="all"``; rows then carry ``wiring/cost``.
+        connectome_every: with a grid and ``plots``, keep the connectome of the last read-out at the start
+            of every ``connectome_every``-th epoch (its 800 strongest signal-carrying weights) and draw
+            them at the end as ``urn_connectome/epoch_NNNN.png`` and ``urn_connectome.gif`` (the final
+            ``urn_connectome.png`` its last frame), >= 0; 0: the final connectome only.
     """
 
     def __init__(
@@ -94,6 +100,7 @@ class URN(Method):
         prune: bool = True,
         plots: bool = True,
         relocate_every: int = 0,
+        connectome_every: int = 0,
     ) -> None:
         for name, value in (("c_W", c_W), ("c_N", c_N), ("c_syn", c_syn)):
             check_number(value, name, 0.0)
@@ -104,6 +111,7 @@ class URN(Method):
         check_bool(prune, "prune")
         check_bool(plots, "plots")
         check_int(relocate_every, "relocate_every", 0)
+        check_int(connectome_every, "connectome_every", 0)
         check(
             relocate_every == 0 or (c_syn > 0 and synaptic_pairs == "all"),
             "relocate_every",
@@ -113,7 +121,10 @@ class URN(Method):
         self.c_W, self.c_N, self.c_syn = float(c_W), float(c_N), float(c_syn)
         self.beta, self.gamma, self.synaptic_pairs = float(beta), float(gamma), synaptic_pairs
         self.probe_size, self.prune, self.plots = probe_size, prune, plots
-        self.relocate_every = relocate_every
+        self.relocate_every, self.connectome_every = relocate_every, connectome_every
+        # the connectome at the start of every connectome_every-th epoch: (epoch, activity pattern, strongest
+        # signal-carrying weights as (rows, cols, values)), drawn into frames at the end
+        self._connectomes: list[tuple[int, Tensor, tuple[Tensor, Tensor, Tensor]]] = []
         self._swaps = 0
         self._lengths: Tensor | None = None  # (S, S) d_ij^γ, when c_syn > 0
         self._pattern: Tensor | None = None  # (I+1, S) bool, non-zero on some evaluation example
@@ -284,10 +295,52 @@ class URN(Method):
                         readout, model.weight, model.coordinates(), run_dir / "urn_connectome.png"
                     )
                 )
+                if self._connectomes:
+                    frames = self._connectome_frames(model, run_dir / "urn_connectome", paths[-1])
+                    gif = write_gif(frames, run_dir / "urn_connectome.gif")
+                    paths += frames[:-1] + ([gif] if gif is not None else [])
         return paths
+
+    def on_epoch_start(self, model: nn.Module, epoch: int, step: int) -> None:
+        """Every ``connectome_every`` epochs (with a grid), the connectome of the last read-out is kept."""
+        if (
+            not self.connectome_every
+            or model.grid is None
+            or epoch % self.connectome_every
+            or self._seen == 0
+            or any(e == epoch for e, _, _ in self._connectomes)
+        ):
+            return
+        readout = self._readout(model)
+        idx = readout.keep.nonzero().squeeze(1)
+        with torch.no_grad():
+            mass = ro.submatrix(model.weight, idx).abs().float() * ro.signal_pairs(
+                readout.pattern, readout.keep
+            )
+            top = torch.topk(mass.flatten(), min(CONNECTOME_EDGES, int((mass > 0).sum())))
+            rows, cols = idx[top.indices // len(idx)], idx[top.indices % len(idx)]
+            values = model.weight.detach()[rows, cols]
+        self._connectomes.append((epoch, self._pattern.clone().cpu(), (rows.cpu(), cols.cpu(), values.cpu())))
+
+    def _connectome_frames(self, model: URNModel, folder: Path, final: Path) -> list[Path]:
+        """``urn_connectome/epoch_NNNN.png`` for each kept connectome, then the final one: the GIF's frames."""
+        folder.mkdir(exist_ok=True)
+        frames = []
+        coords = model.coordinates().cpu()
+        for epoch, pattern, (rows, cols, values) in self._connectomes:
+            weight = torch.zeros(model.size, model.size)
+            weight[rows, cols] = values.float()
+            readout = ro.read_out(pattern, model.output_index.cpu())
+            frames.append(
+                ro.plot_connectome(
+                    readout, weight, coords, folder / f"epoch_{epoch:04d}.png", f"connectome, epoch {epoch}"
+                )
+            )
+        return [*frames, final]
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            **({"connectomes": list(self._connectomes)} if self.connectome_every else {}),
             "pattern": self._pattern,
             "abs_sum": self._abs_sum,
             "seen": self._seen,
@@ -306,6 +359,7 @@ class URN(Method):
         self._stale = bool(state["stale"])
         self._frozen = dict(state["frozen"]) if state["frozen"] is not None else None
         self._swaps = int(state.get("swaps", 0))
+        self._connectomes = [(e, p, tuple(edges)) for e, p, edges in state.get("connectomes", [])]
 
     # -- read-out ------------------------------------------------------------------------------------
 
