@@ -683,6 +683,13 @@ class _Loop:
         An epoch begun here starts with the method's ``on_epoch_start`` and new sums; a resumed one
         replays the data order from the epoch's start and skips the batches already trained.
         """
+        self.begin_batches(state, epoch)
+        for b, (x, y) in enumerate(self.data.train_batches(self.batch_size, state.generator)):
+            if b >= state.position.batch:
+                yield b, x, y
+
+    def begin_batches(self, state: RunState, epoch: int) -> None:
+        """What comes before an epoch's batches are drawn (:meth:`epoch_batches`)."""
         pos = state.position
         if pos.batch == 0:
             self.method.on_epoch_start(self.model, epoch, pos.step)
@@ -690,9 +697,6 @@ class _Loop:
         else:  # resumed mid-epoch: the same order and augmentation, from the same batch
             state.generator.set_state(state.epoch_generator)
         self.model.train()
-        for b, (x, y) in enumerate(self.data.train_batches(self.batch_size, state.generator)):
-            if b >= pos.batch:
-                yield b, x, y
 
     def stepped(
         self, state: RunState, epoch: int, b: int, y: Tensor, result: StepResult, summed: bool = False

@@ -13,8 +13,12 @@ directory, record, state, evaluation points, checkpoint and summary, through the
 - the forward and backward pass is one call of the first member's module on the stacked parameters and
   batches (``torch.func.functional_call`` under ``torch.vmap``); each member's loss is its own batch mean;
 - one optimiser per slot steps the stacked tensors (the optimisers supported are elementwise, so this is
-  each member's own arithmetic), and each member's optimiser state is a view of the stacked state, so a
+  each member's own arithmetic; a for-loop optimiser runs as ``foreach`` over the stacked tensors, the
+  same arithmetic in fewer calls), and each member's optimiser state is a view of the stacked state, so a
   method that resets the state of regrown weights (RigL, SET) resets its own slice;
+- the members' batches: each member draws its epoch's data order from its own generator, as its single
+  run does; for datasets whose batches are plain rows of their tensors (the toy datasets) the batches of
+  all members are then taken in one gather from the stacked training data (:class:`_GatheredBatches`);
 - everything else is each member's own code, unchanged: its method's hooks (masks applied in place, RigL/SET
   rewiring with the member's own generator), its data order, its evaluations and files.
 
@@ -47,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from structlearn.data.base import InMemoryDataset
 from structlearn.methods.base import Method, OptimizerSlot, clip_gradients
 from structlearn.methods.morphonet import MorphoLinear
 from structlearn.models.urn import URN as URNModel
@@ -169,6 +174,8 @@ class Stack:
                 {
                     **{k: v for k, v in g.items() if k != "params"},
                     "params": [self.params[position[id(p)]] for p in g["params"]],
+                    # the same arithmetic over all stacked tensors at once (a fused optimiser stays fused)
+                    **({"foreach": True} if g.get("foreach") is None and not g.get("fused") else {}),
                 }
                 for g in optimizer.param_groups
             ]
@@ -247,9 +254,11 @@ class Stack:
         self.link_states()
         self.add_sums(live, losses, logits, y, extras)
         events = {k: loops[k].method.after_step(loops[k].model, step, loops[k].slots) for k in live}
+        rows = zip(losses.unbind(0), logits.unbind(0), strict=True)  # one call each for every member's view
+        per_member = {name: v.unbind(0) for name, v in extras.items()}
         return [
-            StepResult(losses[k], logits[k], {name: v[k] for name, v in extras.items()}, events.get(k, {}))
-            for k in range(len(self.runs))
+            StepResult(loss, logit, {name: v[k] for name, v in per_member.items()}, events.get(k, {}))
+            for k, (loss, logit) in enumerate(rows)
         ]
 
     def extra_losses(self, step: int, output: Tensor | Mapping[str, Any]) -> dict[str, Tensor]:
@@ -571,6 +580,7 @@ def _epochs(stack: Stack, guard: PreemptionGuard) -> Iterator[tuple[int, BaseExc
     def done(k: int, epoch: int, signalled: bool) -> None:
         runs[k].loop.epoch_done(runs[k].state, 0, epoch, metrics[k], signalled, held_out.get(k))
 
+    together = _GatheredBatches.of(stack)
     for epoch in range(first.state.position.epoch, first.loop.plan.epochs):
         # early stopping: a member whose validation metric stalled leaves the stack, its run complete
         for k in list(stack.live):
@@ -580,12 +590,13 @@ def _epochs(stack: Stack, guard: PreemptionGuard) -> Iterator[tuple[int, BaseExc
         if not stack.live:
             return
         order = list(stack.live)  # members may leave during the epoch: their streams stay in the zip
-        batches = [runs[k].loop.epoch_batches(runs[k].state, epoch) for k in order]
-        for batch in zip(*batches, strict=True):
-            drawn = stack.fill(batch, order)
-            results = stack.step(
-                torch.stack([x for _, x, _ in drawn]), torch.stack([y for _, _, y in drawn]), _step(stack)
-            )  # the members' sums included
+        if together is not None:
+            stream = together.epoch(epoch, order)
+        else:
+            batches = [runs[k].loop.epoch_batches(runs[k].state, epoch) for k in order]
+            stream = (_stacked(stack.fill(batch, order)) for batch in zip(*batches, strict=True))
+        for drawn, x, y in stream:
+            results = stack.step(x, y, _step(stack))  # the members' sums included
             yield from each(stepped, epoch, drawn, results)
             if guard.pending:
                 signums = guard.take()
@@ -600,6 +611,65 @@ def _epochs(stack: Stack, guard: PreemptionGuard) -> Iterator[tuple[int, BaseExc
         signums = guard.take()
         yield from each(done, epoch, bool(signums))
         guard.forward(signums, first.checkpointing is not None)
+
+
+def _stacked(
+    drawn: list[tuple[int, Tensor, Tensor]],
+) -> tuple[list[tuple[int, Tensor, Tensor]], Tensor, Tensor]:
+    """The members' batches ``(b, x, y)``, and their inputs and labels stacked."""
+    return drawn, torch.stack([x for _, x, _ in drawn]), torch.stack([y for _, _, y in drawn])
+
+
+class _GatheredBatches:
+    """Every member's batch of a step in one gather from the members' stacked training data.
+
+    For datasets whose batches are rows of their stored tensors (no preparation, no augmentation: the
+    toy datasets), a member's epoch is its single run's: the same ``randperm`` from its own generator
+    (:meth:`InMemoryDataset.train_batches`), here drawn once per epoch; the batches are then taken for all
+    members at once instead of two ``index_select`` a member and two ``stack`` a step.
+    """
+
+    LIMIT = 256 * 2**20  # bytes of stacked training data; above it the members draw their batches alone
+
+    def __init__(self, stack: Stack, x: Tensor, y: Tensor) -> None:
+        self.stack, self.shape = stack, x.shape
+        self.x, self.y = x.flatten(0, 1), y.flatten(0, 1)  # (N * examples, ...): one index_select a step
+        self.offsets = torch.arange(len(stack.runs), device=x.device).view(-1, 1) * x.shape[1]
+
+    @classmethod
+    def of(cls, stack: Stack) -> _GatheredBatches | None:
+        data = [loop.data for loop in stack.loops]
+        plain = all(
+            type(d).train_batches is InMemoryDataset.train_batches
+            and type(d).prepare is InMemoryDataset.prepare
+            and type(d).augment is InMemoryDataset.augment
+            for d in data
+        )
+        if not plain or len({(d.x_train.shape, d.x_train.dtype, d.x_train.device) for d in data}) > 1:
+            return None
+        if sum(d.x_train.numel() * d.x_train.element_size() for d in data) > cls.LIMIT:
+            return None
+        return cls(stack, torch.stack([d.x_train for d in data]), torch.stack([d.y_train for d in data]))
+
+    def epoch(
+        self, epoch: int, order: Sequence[int]
+    ) -> Iterator[tuple[list[tuple[int, Tensor, Tensor]], Tensor, Tensor]]:
+        """The epoch's batches left to train: ``(drawn, x, y)`` as :func:`_stacked` gives them."""
+        runs = self.stack.runs
+        perms = {}
+        for k in order:
+            loop, state = runs[k].loop, runs[k].state
+            loop.begin_batches(state, epoch)
+            perms[k] = torch.randperm(len(loop.data.x_train), generator=state.generator).to(self.x.device)
+        indices = torch.stack([perms[k] if k in perms else perms[order[0]] for k in range(len(runs))])
+        size, start = runs[order[0]].loop.batch_size, runs[order[0]].state.position.batch  # all alike
+        for b, idx in enumerate(indices.split(size, dim=1)):
+            if b < start:  # resumed mid-epoch
+                continue
+            flat = (idx + self.offsets).flatten()
+            x = self.x.index_select(0, flat).view(*idx.shape, *self.shape[2:])
+            y = self.y.index_select(0, flat).view(idx.shape)
+            yield [(b, None, labels) for labels in y.unbind(0)], x, y
 
 
 def _step(stack: Stack) -> int:
