@@ -35,17 +35,25 @@ def read_records(run_dir: Path, timeout: float = 20.0) -> dict[str, list[Any]]:
     """Every record of the offline W&B runs under ``run_dir``, by kind (``run``, ``metric``, ``summary``...).
 
     W&B's service process writes the file: a run that another run of the same process started may be
-    finished before its records reach the disk, so this waits until every file holds its ``exit`` record.
+    finished before its records reach the disk, so this waits until every file holds its ``exit`` record
+    (a record caught half-written reads as corrupt until it is whole: read again until the deadline).
     """
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout
     while True:
         out: dict[str, list[Any]] = defaultdict(list)
         files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
         assert files, f"no offline W&B run under {run_dir}"
-        for path in files:
-            for kind, record in wandb_records(path):
-                out[kind].append(record)
-        if len(out["exit"]) == len(files) or time.monotonic() > deadline:
+        try:
+            for path in files:
+                for kind, record in wandb_records(path):
+                    out[kind].append(record)
+        except DecodeError:
+            if time.monotonic() > deadline:
+                raise
+            out.clear()
+        if (out and len(out["exit"]) == len(files)) or time.monotonic() > deadline:
             return out
         time.sleep(0.05)
 
