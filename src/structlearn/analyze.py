@@ -183,6 +183,25 @@ def analyse_checkpoint(
     return label, numbers, profile
 
 
+def _lesion_options(args: Any) -> Any:
+    """The lesion settings of the ``--lesion*`` flags (checked as ``analysis.lesions`` is), or None."""
+    if args.lesions is None:
+        return None
+    try:
+        return check_lesions(
+            {
+                "motifs": args.lesions,
+                "controls": args.lesion_controls,
+                "kinds": args.lesion_kinds,
+                "top_fraction": args.lesion_top_fraction,
+            },
+            name="--lesion",
+        )
+    except ValueError as exc:  # name the flags: --lesion.top_fraction -> --lesion-top-fraction
+        flag = str(exc).split("=", 1)[0]
+        raise ValueError(str(exc).replace(flag, flag.replace(".", "-").replace("_", "-"), 1)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(
         prog="structlearn-analyze",
@@ -218,23 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     lesion_rows: list[dict[str, Any]] = []
     try:
-        lesions = None
-        if args.lesions is not None:
-            try:
-                lesions = check_lesions(
-                    {
-                        "motifs": args.lesions,
-                        "controls": args.lesion_controls,
-                        "kinds": args.lesion_kinds,
-                        "top_fraction": args.lesion_top_fraction,
-                    },
-                    name="--lesion",
-                )
-            except ValueError as exc:  # name the flags: --lesion.top_fraction -> --lesion-top-fraction
-                flag = str(exc).split("=", 1)[0]
-                raise ValueError(
-                    str(exc).replace(flag, flag.replace(".", "-").replace("_", "-"), 1)
-                ) from None
+        lesions = _lesion_options(args)
         analysis = StructureAnalysis(
             randomizations=args.randomizations,
             swaps_per_edge=args.swaps_per_edge,

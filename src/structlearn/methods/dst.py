@@ -225,6 +225,56 @@ class DynamicSparse(MaskedMethod):
             init,
             seed_motif,
         )
+        self._check_growth_options(pattern, ablation_threshold, ablation_reference, motif_weight, grow_motif)
+        _check_rule(
+            update_every,
+            end,
+            drop_fraction,
+            drop_fraction_decay,
+            update_order,
+            grow_init,
+            reset_optimizer_state,
+            regrow_dropped,
+        )
+        self.update_every = update_every
+        self.end = float(end)
+        self.drop_fraction = float(drop_fraction)
+        self.drop_fraction_decay = drop_fraction_decay
+        self.update_order = update_order
+        self.grow_init = grow_init
+        self.reset_optimizer_state = reset_optimizer_state
+        self.regrow_dropped = regrow_dropped
+        self.ablation_threshold = float(ablation_threshold)
+        self.ablation_reference = ablation_reference
+        self.motif_weight, self.grow_motif = float(motif_weight), grow_motif
+        self._unprepared()
+
+    def _unprepared(self) -> None:
+        """What :meth:`prepare` sets from the model and the plan, empty until then."""
+        self._grow_chain: list[tuple[str, Tensor]] = []  # the MLP's Linear weights in order (motif growth)
+        self.ever_active: dict[str, Tensor] = {}  # name -> bool, every connection active at some point
+        self._every = 1  # update interval in steps (resolved from "epoch" in prepare)
+        self._end_step = 0  # T_end in steps: no update at or after it
+        self._counts: dict[str, int] = {}  # name -> active weights, fixed for the whole run
+        # structured patterns: per layer, every live group's count, the live groups (bool, on the device)
+        # and how many; the budget and the output layer (never ablated) for neuron ablation
+        self._per_group: dict[str, int] = {}
+        self._live: dict[str, Tensor] = {}
+        self._n_live: dict[str, int] = {}
+        self._budget: dict[str, int] = {}
+        self._output_layer = ""
+
+    # -- the rule: what subclasses define ---------------------------------------------------------
+
+    def _check_growth_options(
+        self,
+        pattern: str,
+        ablation_threshold: float,
+        ablation_reference: str,
+        motif_weight: float,
+        grow_motif: str,
+    ) -> None:
+        """The structured pattern, SRigL's ablation and the motif term, each against what this class supports."""
         check(
             self.STRUCTURED or pattern == "unstructured",
             "pattern",
@@ -247,52 +297,6 @@ class DynamicSparse(MaskedMethod):
             motif_weight,
             f"must be 0 for {type(self).__name__} (its growth is not scored per layer by grow_scores)",
         )
-        check(
-            update_every == "epoch"
-            or (isinstance(update_every, int) and not isinstance(update_every, bool) and update_every >= 1),
-            "update_every",
-            update_every,
-            "must be an integer >= 1 (steps) or 'epoch'",
-        )
-        check_number(end, "end", 0.0, 1.0, low_open=True)
-        check_number(drop_fraction, "drop_fraction", 0.0, 1.0)
-        check_choice(drop_fraction_decay, "drop_fraction_decay", schedules.DECAYS)
-        check_choice(update_order, "update_order", UPDATE_ORDERS)
-        check_choice(grow_init, "grow_init", GROW_INITS)
-        check(
-            isinstance(reset_optimizer_state, bool),
-            "reset_optimizer_state",
-            reset_optimizer_state,
-            "must be true or false",
-        )
-        check(isinstance(regrow_dropped, bool), "regrow_dropped", regrow_dropped, "must be true or false")
-        self.update_every = update_every
-        self.end = float(end)
-        self.drop_fraction = float(drop_fraction)
-        self.drop_fraction_decay = drop_fraction_decay
-        self.update_order = update_order
-        self.grow_init = grow_init
-        self.reset_optimizer_state = reset_optimizer_state
-        self.regrow_dropped = regrow_dropped
-        self.ablation_threshold = float(ablation_threshold)
-        self.ablation_reference = ablation_reference
-        self.motif_weight, self.grow_motif = float(motif_weight), grow_motif
-        self._grow_chain: list[
-            tuple[str, Tensor]
-        ] = []  # the MLP's Linear weights in order (motif-aware growth)
-        self.ever_active: dict[str, Tensor] = {}  # name -> bool, every connection active at some point
-        self._every = 1  # update interval in steps (resolved from "epoch" in prepare)
-        self._end_step = 0  # T_end in steps: no update at or after it
-        self._counts: dict[str, int] = {}  # name -> active weights, fixed for the whole run
-        # structured patterns: per layer, every live group's count, the live groups (bool, on the device)
-        # and how many; the budget and the output layer (never ablated) for neuron ablation
-        self._per_group: dict[str, int] = {}
-        self._live: dict[str, Tensor] = {}
-        self._n_live: dict[str, int] = {}
-        self._budget: dict[str, int] = {}
-        self._output_layer = ""
-
-    # -- the rule: what subclasses define ---------------------------------------------------------
 
     def grow_scores(self, name: str, weight: Tensor, mask: Tensor) -> Tensor:
         """Growth score of every connection of one layer (higher grows first), shaped like ``weight``.
@@ -544,6 +548,38 @@ class DynamicSparse(MaskedMethod):
             self._per_group = {n: self._counts[n] // self._n_live[n] for n in self.masks}
         source = ever_active if ever_active is not None else self.masks
         self.ever_active = {n: source[n].to(self.masks[n].device, torch.bool).clone() for n in self.masks}
+
+
+def _check_rule(
+    update_every: Any,
+    end: Any,
+    drop_fraction: Any,
+    drop_fraction_decay: Any,
+    update_order: Any,
+    grow_init: Any,
+    reset_optimizer_state: Any,
+    regrow_dropped: Any,
+) -> None:
+    """The update rule's options (:class:`DynamicSparse`'s arguments after its defaults are chosen)."""
+    check(
+        update_every == "epoch"
+        or (isinstance(update_every, int) and not isinstance(update_every, bool) and update_every >= 1),
+        "update_every",
+        update_every,
+        "must be an integer >= 1 (steps) or 'epoch'",
+    )
+    check_number(end, "end", 0.0, 1.0, low_open=True)
+    check_number(drop_fraction, "drop_fraction", 0.0, 1.0)
+    check_choice(drop_fraction_decay, "drop_fraction_decay", schedules.DECAYS)
+    check_choice(update_order, "update_order", UPDATE_ORDERS)
+    check_choice(grow_init, "grow_init", GROW_INITS)
+    check(
+        isinstance(reset_optimizer_state, bool),
+        "reset_optimizer_state",
+        reset_optimizer_state,
+        "must be true or false",
+    )
+    check(isinstance(regrow_dropped, bool), "regrow_dropped", regrow_dropped, "must be true or false")
 
 
 def reset_optimizer_state(weight: Tensor, positions: Tensor, optimizers: Sequence[OptimizerSlot]) -> None:
