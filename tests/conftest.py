@@ -120,6 +120,19 @@ def round_trip(state: dict[str, Any]) -> dict[str, Any]:
     return torch.load(buffer, weights_only=True)
 
 
+def restored(model: Any, method: Any, slots: Any, fresh: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The model, method and first optimiser through a checkpoint round trip into ``fresh(1)`` (built with
+    another initialisation, so that only what was loaded can make it continue exactly), and the checkpoint."""
+    ckpt = round_trip(
+        {"model": model.state_dict(), "method": method.state_dict(), "opt": slots[0].optimizer.state_dict()}
+    )
+    model_c, method_c, slots_c = fresh(1)
+    model_c.load_state_dict(ckpt["model"])
+    method_c.load_state_dict(ckpt["method"])
+    slots_c[0].optimizer.load_state_dict(ckpt["opt"])
+    return model_c, method_c, slots_c, ckpt
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing in the tests may reach the network."""

@@ -22,7 +22,7 @@ from structlearn.runner import train
 from structlearn.schedules import LRSchedule, TrainSchedule
 from structlearn.utils import build
 
-from .conftest import round_trip
+from .conftest import restored
 from .test_dst import CPU, OPTIMIZERS, make_data, make_model, make_schedule, manual_steps, target_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
@@ -286,17 +286,7 @@ def test_checkpoint_round_trip_continues_exactly():
     manual_steps(model_a, method_a, slots_a, batches, range(30))
     model_b, method_b, slots_b = fresh(0)
     manual_steps(model_b, method_b, slots_b, batches, range(10))
-    ckpt = round_trip(
-        {
-            "model": model_b.state_dict(),
-            "method": method_b.state_dict(),
-            "opt": slots_b[0].optimizer.state_dict(),
-        }
-    )
-    model_c, method_c, slots_c = fresh(1)
-    model_c.load_state_dict(ckpt["model"])
-    method_c.load_state_dict(ckpt["method"])
-    slots_c[0].optimizer.load_state_dict(ckpt["opt"])
+    model_c, method_c, slots_c, ckpt = restored(model_b, method_b, slots_b, fresh)
     assert all(torch.equal(method_c.masks[n], method_b.masks[n]) for n in method_b.masks)
     assert method_c._counts == method_b._counts
     assert torch.equal(method_c._generator.get_state(), method_b._generator.get_state())

@@ -29,7 +29,7 @@ from structlearn.sparse.masks import (
     salient_counts,
 )
 
-from .conftest import round_trip
+from .conftest import restored
 from .test_dst import CPU, OPTIMIZERS, make_data, make_model, make_schedule, manual_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -279,17 +279,7 @@ def test_a_checkpoint_round_trip_after_an_ablation_continues_exactly():
     model_b, method_b, slots_b = fresh(0)
     manual_steps(model_b, method_b, slots_b, batches, range(10))
     assert any(not m.any(dim=1).all() for m in method_b.masks.values())  # ablated before the save
-    ckpt = round_trip(
-        {
-            "model": model_b.state_dict(),
-            "method": method_b.state_dict(),
-            "opt": slots_b[0].optimizer.state_dict(),
-        }
-    )
-    model_c, method_c, slots_c = fresh(1)
-    model_c.load_state_dict(ckpt["model"])
-    method_c.load_state_dict(ckpt["method"])
-    slots_c[0].optimizer.load_state_dict(ckpt["opt"])
+    model_c, method_c, slots_c, ckpt = restored(model_b, method_b, slots_b, fresh)
     manual_steps(model_c, method_c, slots_c, batches, range(10, 30))
     assert all(torch.equal(method_a.masks[n], method_c.masks[n]) for n in method_a.masks)
     assert any(not torch.equal(method_a.masks[n], ckpt["method"]["masks"][n]) for n in method_a.masks)
