@@ -156,6 +156,8 @@ class Stack:
             type(loop.method).after_backward is not Method.after_backward for loop in self.loops
         )
         self._extra = type(self.loops[0].method).extra_loss is not Method.extra_loss
+        # what a method's extra loss reads of "the model": the stacked top-level parameters (the URN's weight)
+        self._model_view = types.SimpleNamespace(**{n: p for n, p in self.params.items() if "." not in n})
         self.slots = self._stacked_slots()
         self._stated = [0] * len(self.slots)
         self.stack_states()
@@ -269,8 +271,7 @@ class Stack:
         if not self._extra:
             return {}
         first = self.loops[0]
-        stacked = types.SimpleNamespace(**{n: p for n, p in self.params.items() if "." not in n})
-        extras = first.method.extra_loss(stacked, output, step)
+        extras = first.method.extra_loss(self._model_view, output, step)
         for name, value in extras.items():
             if value.shape != (len(self.runs),):
                 raise ValueError(
